@@ -1,0 +1,36 @@
+# keymig — build, test, benchmark, fuzz and demo targets.
+GO        ?= go
+BIN       ?= bin/keymig
+FUZZTIME  ?= 15s
+BENCHTIME ?= 1s
+
+.PHONY: all build test vet bench fuzz demo torture clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) .
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed on:"; gofmt -l .; exit 1; }
+
+test: vet
+	$(GO) test -race -count=1 ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./...
+
+# Each fuzz target runs for FUZZTIME; go test allows one -fuzz target per run.
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "== $$pkg $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+demo: build
+	KEYMIG=$(CURDIR)/$(BIN) ./examples/quickstart.sh
+
+clean:
+	rm -rf bin
