@@ -119,6 +119,7 @@ func commands(e *env) []*cli.Command {
 	return []*cli.Command{
 		wrapCommand(e),
 		unwrapCommand(e),
+		hsmCommand(e),
 	}
 }
 

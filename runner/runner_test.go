@@ -41,7 +41,9 @@ func newRun(t *testing.T, n int) *journal.Run {
 	return r
 }
 
-func fastBackoff() Backoff { return Backoff{Base: time.Microsecond, Cap: time.Millisecond, MaxAttempts: 4} }
+func fastBackoff() Backoff {
+	return Backoff{Base: time.Microsecond, Cap: time.Millisecond, MaxAttempts: 4}
+}
 
 func TestRunOutcomes(t *testing.T) {
 	tests := []struct {
