@@ -1,0 +1,269 @@
+package plan
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/keymig/keymig/hsm"
+)
+
+// FormatVersion is the plan file format this package writes and reads.
+const FormatVersion = 1
+
+// TransportLabelPrefix starts the label of every key keymig makes for its
+// own use (transport keys, session KEKs); such keys are never planned and
+// never count as inventory.
+const TransportLabelPrefix = "keymig-transport"
+
+// Action is what a plan does with a key.
+type Action string
+
+// The actions.
+const (
+	Transfer Action = "transfer" // wrap on the source, unwrap on the target
+	Sync     Action = "sync"     // masked copy between clones, handle kept
+	Skip     Action = "skip"     // already on the target with the same id and KCV
+	Blocked  Action = "blocked"  // cannot move; Reason says why and what to do
+)
+
+// Method is how a transfer or sync moves a key.
+type Method string
+
+// The methods.
+const (
+	MethodRSAOAEP    Method = "rsa-oaep"    // one RSA-OAEP wrap per key; secret keys that fit
+	MethodRSAAES     Method = "rsa-aes"     // CKM_RSA_AES_KEY_WRAP per key; anything, private keys as PKCS#8
+	MethodSessionKEK Method = "session-kek" // one RSA-OAEP per run, then AES-KWP per key
+	MethodPublic     Method = "public"      // public keys: export and import PEM
+	MethodMasked     Method = "masked"      // masked object between clones
+)
+
+// Reason codes of blocked keys; each comes with a sentence in Item.Reason.
+const (
+	ReasonNotExtractable  = "not-extractable"
+	ReasonNotOwner        = "not-owner"
+	ReasonSessionKey      = "session-key"
+	ReasonNotFIPS         = "not-fips"
+	ReasonUserMissing     = "user-missing"
+	ReasonCapacity        = "target-capacity"
+	ReasonConflict        = "id-conflict"
+	ReasonWrapWithTrusted = "wrap-with-trusted"
+	ReasonNoID            = "no-id"
+	ReasonUnsynced        = "not-synchronised"
+)
+
+// Options are the choices a user made when planning.
+type Options struct {
+	Filter        []string `json:"filter,omitempty"`
+	Transport     string   `json:"transport"` // auto, rsa-aes, rsa-oaep, session-kek
+	Hash          string   `json:"hash"`
+	TransportBits int      `json:"transport-bits"`
+}
+
+// Cluster records one side of the plan.
+type Cluster struct {
+	Dir       string `json:"dir"`
+	ID        string `json:"cluster-id"`
+	Region    string `json:"region"`
+	Lineage   string `json:"lineage"`
+	User      string `json:"user"`
+	FIPS      bool   `json:"fips"`
+	Capacity  int    `json:"key-capacity"`
+	Keys      int    `json:"token-keys"`
+	Inventory string `json:"inventory-digest"`
+}
+
+// Item is one source key and what the plan does with it.
+type Item struct {
+	Ref        hsm.KeyRef     `json:"key-reference"`
+	Label      string         `json:"label"`
+	ID         hsm.Bytes      `json:"id"`
+	Class      hsm.Class      `json:"class"`
+	Type       hsm.KeyType    `json:"key-type"`
+	Bits       int            `json:"size-bits"`
+	Curve      string         `json:"curve,omitempty"`
+	Attrs      hsm.Attributes `json:"attributes"`
+	KCV        hsm.Bytes      `json:"check-value"`
+	Owner      string         `json:"owner"`
+	Shares     []string       `json:"shared-users"`
+	Action     Action         `json:"action"`
+	Method     Method         `json:"method,omitempty"`
+	ReasonCode string         `json:"reason-code,omitempty"`
+	Reason     string         `json:"reason,omitempty"`
+	TargetRef  hsm.KeyRef     `json:"target-key-reference,omitempty"` // skip: the key already there
+}
+
+// Key is the item's journal key: its source handle.
+func (it Item) Key() string { return it.Ref.String() }
+
+// Transport is the run-wide transport choice and why it was made.
+type Transport struct {
+	Method Method `json:"method"`
+	Why    string `json:"why"`
+	Hash   string `json:"hash"`
+	Bits   int    `json:"bits"`
+}
+
+// Plan is a classified migration, as written to a plan file.
+type Plan struct {
+	Format    int       `json:"format-version"`
+	Created   time.Time `json:"created"`
+	Source    Cluster   `json:"source"`
+	Target    Cluster   `json:"target"`
+	Options   Options   `json:"options"`
+	Transport Transport `json:"transport"`
+	Items     []Item    `json:"items"`
+	Digest    string    `json:"digest"`
+}
+
+// Counts returns how many items take each action.
+func (p *Plan) Counts() map[Action]int {
+	c := map[Action]int{}
+	for _, it := range p.Items {
+		c[it.Action]++
+	}
+	return c
+}
+
+// Work is the number of items that change the target.
+func (p *Plan) Work() int {
+	c := p.Counts()
+	return c[Transfer] + c[Sync]
+}
+
+// canonical is the plan's JSON with an empty digest: compact, fields in
+// declaration order, no map iteration — the bytes the digest covers.
+func (p *Plan) canonical() ([]byte, error) {
+	q := *p
+	q.Digest = ""
+	return json.Marshal(&q)
+}
+
+// Seal computes and sets the plan's digest.
+func (p *Plan) Seal() error {
+	b, err := p.canonical()
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(b)
+	p.Digest = "sha256:" + hex.EncodeToString(sum[:])
+	return nil
+}
+
+// ShortDigest is the first 12 hex digits of the digest, for names.
+func (p *Plan) ShortDigest() string {
+	d := strings.TrimPrefix(p.Digest, "sha256:")
+	return d[:min(12, len(d))]
+}
+
+// Write writes the sealed plan as indented JSON.
+func (p *Plan) Write(w io.Writer) error {
+	if p.Digest == "" {
+		if err := p.Seal(); err != nil {
+			return err
+		}
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(p)
+}
+
+// ErrTampered reports a plan whose content does not match its digest.
+var ErrTampered = errors.New("plan does not match its digest")
+
+// Decode parses a plan and checks its format and digest. Every parse or
+// digest failure is an error that wraps ErrTampered or says what is wrong.
+func Decode(data []byte) (*Plan, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	var p Plan
+	if err := dec.Decode(&p); err != nil {
+		return nil, fmt.Errorf("not a keymig plan (%v): %w", err, ErrTampered)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("trailing data after the plan: %w", ErrTampered)
+	}
+	if p.Format != FormatVersion {
+		return nil, fmt.Errorf("plan format version %d; this keymig reads %d: re-plan with this keymig", p.Format, FormatVersion)
+	}
+	want := p.Digest
+	if err := p.Seal(); err != nil {
+		return nil, err
+	}
+	if want != p.Digest {
+		return nil, fmt.Errorf("its content was changed after planning (digest %s, content hashes to %s): %w", short(want), short(p.Digest), ErrTampered)
+	}
+	seen := make(map[hsm.KeyRef]bool, len(p.Items))
+	for _, it := range p.Items {
+		if it.Ref == 0 || seen[it.Ref] {
+			return nil, fmt.Errorf("item %s is missing a handle or listed twice: %w", it.Ref, ErrTampered)
+		}
+		seen[it.Ref] = true
+	}
+	return &p, nil
+}
+
+func short(d string) string {
+	d = strings.TrimPrefix(d, "sha256:")
+	if len(d) > 12 {
+		return d[:12] + "…"
+	}
+	return d
+}
+
+// Read reads and checks the plan file at path; errors name the file and
+// say how to re-plan.
+func Read(path string) (*Plan, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read plan: %w", err)
+	}
+	p, err := Decode(data)
+	if err != nil {
+		if errors.Is(err, ErrTampered) {
+			return nil, fmt.Errorf("plan %s: %w; make a new one with keymig plan", path, err)
+		}
+		return nil, fmt.Errorf("plan %s: %w", path, err)
+	}
+	return p, nil
+}
+
+// Inventory is one cluster's keys as listed once, with the facts about the
+// cluster a plan depends on.
+type Inventory struct {
+	Dir   string
+	Info  hsm.ClusterInfo
+	User  hsm.User
+	Users []string // user names that exist on the cluster
+	Keys  []hsm.KeyInfo
+}
+
+// InventoryDigest hashes what a plan depends on in keys: handle, label, id,
+// class, type, size, attributes, KCV, owner and shares, in handle order.
+// Keys keymig made for itself are left out.
+func InventoryDigest(keys []hsm.KeyInfo) string {
+	sorted := make([]hsm.KeyInfo, 0, len(keys))
+	for _, k := range keys {
+		if !strings.HasPrefix(k.Label, TransportLabelPrefix) {
+			sorted = append(sorted, k)
+		}
+	}
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Ref < sorted[j].Ref })
+	h := sha256.New()
+	enc := json.NewEncoder(h)
+	for _, k := range sorted {
+		shares := append([]string(nil), k.SharedWith...)
+		sort.Strings(shares)
+		enc.Encode([]any{k.Ref, k.Label, k.ID, k.Class, k.Type, k.Bits, k.Curve, k.Attrs, k.KCV, k.Owner, shares})
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
