@@ -192,15 +192,15 @@ func Decode(data []byte) (*Plan, error) {
 	if dec.More() {
 		return nil, fmt.Errorf("trailing data after the plan: %w", ErrTampered)
 	}
-	if p.Format != FormatVersion {
-		return nil, fmt.Errorf("plan format version %d; this keymig reads %d: re-plan with this keymig", p.Format, FormatVersion)
-	}
 	want := p.Digest
 	if err := p.Seal(); err != nil {
 		return nil, err
 	}
 	if want != p.Digest {
 		return nil, fmt.Errorf("its content was changed after planning (digest %s, content hashes to %s): %w", short(want), short(p.Digest), ErrTampered)
+	}
+	if p.Format != FormatVersion {
+		return nil, fmt.Errorf("plan format version %d; this keymig reads %d: re-plan with this keymig", p.Format, FormatVersion)
 	}
 	seen := make(map[hsm.KeyRef]bool, len(p.Items))
 	for _, it := range p.Items {
