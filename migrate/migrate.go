@@ -1,0 +1,402 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/journal"
+	"github.com/keymig/keymig/plan"
+	"github.com/keymig/keymig/runner"
+)
+
+// Item states in the journal, beyond the runner's pending, done and failed.
+const (
+	StateActing  = "acting"  // committed just before the non-idempotent target call
+	StateBlocked = "blocked" // planned as blocked; final
+)
+
+// RunKind is the journal run kind of a migration.
+const RunKind = "migrate"
+
+// Options tune a migration run.
+type Options struct {
+	Workers     int
+	MaxKeys     int
+	MaxDuration time.Duration
+	Progress    runner.Progress
+	Log         *slog.Logger
+	// CoverageWait bounds the wait for a new key to reach enough HSMs of
+	// the target; default 30s, after which the item is retried later.
+	CoverageWait time.Duration
+	// Backoff is the runner's item retry policy.
+	Backoff runner.Backoff
+}
+
+// Report is what a run did, for the summary and the journal.
+type Report struct {
+	Plan      string         `json:"plan-digest"`
+	Transport string         `json:"transport"`
+	Resumed   bool           `json:"resumed"`
+	Finished  bool           `json:"finished"` // nothing was left to do
+	Summary   runner.Summary `json:"summary"`
+	Skipped   int            `json:"skipped"`
+	Blocked   int            `json:"blocked"`
+	Adopted   int            `json:"adopted"` // keys found on the target after a crash and taken as done
+}
+
+// Migration is one plan being applied.
+type Migration struct {
+	plan  *plan.Plan
+	src   hsm.Session
+	dst   hsm.Session
+	items map[string]plan.Item
+	opts  Options
+	log   *slog.Logger
+	tr    *transport
+	need  int // HSMs a new key must reach
+	adopted atomic.Int64
+}
+
+// New prepares the migration of p between src and dst.
+func New(p *plan.Plan, src, dst hsm.Session, opts Options) *Migration {
+	m := &Migration{plan: p, src: src, dst: dst, opts: opts, items: make(map[string]plan.Item, len(p.Items))}
+	for _, it := range p.Items {
+		m.items[it.Key()] = it
+	}
+	m.log = opts.Log
+	if m.log == nil {
+		m.log = slog.New(slog.DiscardHandler)
+	}
+	if m.opts.CoverageWait <= 0 {
+		m.opts.CoverageWait = 30 * time.Second
+	}
+	return m
+}
+
+// Seed records every plan item in the run, leaving items already there
+// untouched, and reports whether any work remains.
+func Seed(r *journal.Run, p *plan.Plan) (remaining int, err error) {
+	items := make([]journal.Item, 0, len(p.Items))
+	for _, it := range p.Items {
+		st := runner.StatePending
+		switch it.Action {
+		case plan.Skip:
+			st = runner.StateSkipped
+		case plan.Blocked:
+			st = StateBlocked
+		}
+		items = append(items, journal.Item{Key: it.Key(), State: st})
+	}
+	if _, err := r.AddItems(items); err != nil {
+		return 0, err
+	}
+	counts, err := r.Counts()
+	if err != nil {
+		return 0, err
+	}
+	for st, n := range counts {
+		if !isFinal(st) {
+			remaining += n
+		}
+	}
+	return remaining, nil
+}
+
+func isFinal(state string) bool {
+	return state == runner.StateDone || state == runner.StateSkipped || state == StateBlocked
+}
+
+// Run executes the migration as run r of the journal. The clusters must
+// have been checked against the plan (plan.CheckFresh) by the caller.
+func (m *Migration) Run(ctx context.Context, r *journal.Run) (Report, error) {
+	rep := Report{Plan: m.plan.Digest, Transport: string(m.plan.Transport.Method)}
+	remaining, err := Seed(r, m.plan)
+	if err != nil {
+		return rep, err
+	}
+	if remaining == 0 {
+		rep.Finished = true
+		return m.finish(r, rep)
+	}
+	info, err := m.dst.Info(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("target cluster: %w", err)
+	}
+	m.need = min(2, max(1, len(info.HSMs)))
+	if m.needsTransport(r) {
+		tr, err := setupTransport(ctx, m.src, m.dst, m.plan)
+		if err != nil {
+			return rep, err
+		}
+		m.tr = tr
+		defer tr.close(context.WithoutCancel(ctx), m.log)
+	}
+	sum, err := runner.Run(ctx, runner.Config{
+		Run:         r,
+		Workers:     m.opts.Workers,
+		Process:     m.process,
+		Retryable:   hsm.IsRetryable,
+		Backoff:     m.opts.Backoff,
+		Final:       []string{runner.StateDone, runner.StateSkipped, StateBlocked},
+		MaxItems:    m.opts.MaxKeys,
+		MaxDuration: m.opts.MaxDuration,
+		Progress:    m.opts.Progress,
+	})
+	rep.Summary = sum
+	rep.Adopted = int(m.adopted.Load())
+	if err != nil {
+		return rep, err
+	}
+	return m.finish(r, rep)
+}
+
+func (m *Migration) finish(r *journal.Run, rep Report) (Report, error) {
+	counts, err := r.Counts()
+	if err != nil {
+		return rep, err
+	}
+	rep.Skipped, rep.Blocked = counts[runner.StateSkipped], counts[StateBlocked]
+	if rep.Finished {
+		rep.Summary.Total = len(m.plan.Items)
+		rep.Summary.Already = rep.Summary.Total
+		rep.Summary.States = counts
+	}
+	status := journal.RunDone
+	switch {
+	case rep.Summary.Interrupted:
+		status = journal.RunInterrupted
+	case rep.Summary.Failed > 0 || counts[runner.StateFailed] > 0:
+		status = journal.RunFailed
+	case rep.Summary.Pending > 0:
+		status = journal.RunInterrupted // stopped by --max-keys or --max-duration
+	}
+	return rep, r.Finish(status, rep)
+}
+
+// needsTransport reports whether any unfinished item wraps keys.
+func (m *Migration) needsTransport(r *journal.Run) bool {
+	need := false
+	r.Items(func(it journal.Item) error {
+		if !isFinal(it.State) {
+			switch m.items[it.Key].Method {
+			case plan.MethodRSAAES, plan.MethodRSAOAEP, plan.MethodSessionKEK:
+				need = true
+				return errStop
+			}
+		}
+		return nil
+	})
+	return need
+}
+
+var errStop = errors.New("stop")
+
+// process drives one item; see the package doc for the exactly-once rule.
+func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.Commit) (journal.Item, error) {
+	pi, ok := m.items[it.Key]
+	if !ok {
+		return it, fmt.Errorf("journal item %s is not in the plan: the journal belongs to another plan", it.Key)
+	}
+	var target hsm.KeyInfo
+	if it.State != runner.StatePending {
+		found, err := m.lookOnTarget(ctx, pi)
+		if err != nil {
+			return it, err
+		}
+		if found != nil {
+			m.adopted.Add(1)
+			m.log.Info("adopting key found on the target after an interrupted attempt", "key", pi.Ref, "label", pi.Label, "target", found.Ref)
+			target = *found
+		}
+	}
+	if target.Ref == 0 {
+		var err error
+		target, err = m.move(ctx, pi, it, commit)
+		if err != nil {
+			return it, err
+		}
+	}
+	if !slices.Equal(target.KCV, pi.KCV) {
+		// A key with the wrong check value must not stay on the target.
+		derr := m.dst.DeleteKey(context.WithoutCancel(ctx), target.Ref)
+		msg := fmt.Sprintf("key %s (label %q): the target key %s has check value %s, the source key %s; the target key was deleted",
+			pi.Ref, pi.Label, target.Ref, target.KCV, pi.KCV)
+		if derr != nil {
+			msg = fmt.Sprintf("key %s (label %q): the target key %s has check value %s, the source key %s, and deleting it failed (%v): delete it by hand",
+				pi.Ref, pi.Label, target.Ref, target.KCV, pi.KCV, derr)
+		}
+		return it, permanent(errors.New(msg))
+	}
+	if pi.Method != plan.MethodMasked {
+		for _, u := range pi.Shares {
+			if err := m.dst.ShareKey(ctx, target.Ref, u); err != nil {
+				return it, fmt.Errorf("key %s (label %q): sharing target key %s with %s: %w", pi.Ref, pi.Label, target.Ref, u, err)
+			}
+		}
+	}
+	if err := m.waitCoverage(ctx, pi, target.Ref); err != nil {
+		return it, err
+	}
+	it.State = runner.StateDone
+	it.Result = target.Ref.String()
+	return it, nil
+}
+
+// move makes the key on the target: the one non-idempotent step. The
+// acting state is committed before the target call, so a crash after it
+// makes the next attempt look first.
+func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, commit runner.Commit) (hsm.KeyInfo, error) {
+	act := func() error {
+		it.State = StateActing
+		return commit(it)
+	}
+	tmpl := template(pi)
+	switch pi.Method {
+	case plan.MethodMasked:
+		blob, err := m.src.ExportMasked(ctx, pi.Ref)
+		if err != nil {
+			return hsm.KeyInfo{}, fmt.Errorf("key %s (label %q): masked export from the source: %w", pi.Ref, pi.Label, err)
+		}
+		if err := act(); err != nil {
+			return hsm.KeyInfo{}, err
+		}
+		k, err := m.dst.InsertMasked(ctx, blob)
+		if err != nil {
+			return k, fmt.Errorf("key %s (label %q): masked insert into the target: %w", pi.Ref, pi.Label, err)
+		}
+		return k, nil
+	case plan.MethodPublic:
+		pem, err := m.src.ExportPublicKey(ctx, pi.Ref)
+		if err != nil {
+			return hsm.KeyInfo{}, fmt.Errorf("key %s (label %q): exporting the public key: %w", pi.Ref, pi.Label, err)
+		}
+		if err := act(); err != nil {
+			return hsm.KeyInfo{}, err
+		}
+		k, err := m.dst.ImportPublicKey(ctx, pem, tmpl)
+		if err != nil {
+			return k, fmt.Errorf("key %s (label %q): importing the public key into the target: %w", pi.Ref, pi.Label, err)
+		}
+		return k, nil
+	}
+	if m.tr == nil {
+		return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s: no transport key for method %s", pi.Ref, pi.Method))
+	}
+	wreq, ureq := m.tr.requests(pi)
+	blob, err := m.src.WrapKey(ctx, wreq)
+	if err != nil {
+		return hsm.KeyInfo{}, fmt.Errorf("key %s (label %q): wrap on the source: %w", pi.Ref, pi.Label, err)
+	}
+	if err := act(); err != nil {
+		return hsm.KeyInfo{}, err
+	}
+	ureq.Blob = blob
+	ureq.Class, ureq.Type, ureq.Template = pi.Class, pi.Type, tmpl
+	k, err := m.dst.UnwrapKey(ctx, ureq)
+	clear(blob)
+	if err != nil {
+		return k, fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err)
+	}
+	return k, nil
+}
+
+// template carries the source key's label, id and attributes to the
+// target, except those the HSM sets itself (local, always-sensitive,
+// never-extractable) and trusted, which only a crypto officer may set.
+func template(pi plan.Item) hsm.Template {
+	t := hsm.Template{Label: pi.Label, ID: pi.ID, Attrs: map[hsm.Attr]bool{}}
+	for _, a := range hsm.AllAttrs {
+		switch a {
+		case hsm.AttrLocal, hsm.AttrAlwaysSensitive, hsm.AttrNeverExtractable, hsm.AttrTrusted:
+			continue
+		}
+		v, _ := pi.Attrs.Get(a)
+		t.Attrs[a] = v
+	}
+	return t
+}
+
+// lookOnTarget finds the key a previous attempt may have made: the planned
+// identity, owned by the target user (or, for a masked copy, the same
+// handle). More than one is an error a person must look at.
+func (m *Migration) lookOnTarget(ctx context.Context, pi plan.Item) (*hsm.KeyInfo, error) {
+	if pi.Method == plan.MethodMasked {
+		k, err := m.dst.GetKey(ctx, pi.Ref)
+		if errors.Is(err, hsm.ErrNotFound) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("key %s (label %q): looking for an earlier copy on the target: %w", pi.Ref, pi.Label, err)
+		}
+		return &k, nil
+	}
+	f := hsm.Filter{Class: pi.Class}
+	if len(pi.ID) > 0 {
+		f.ID = pi.ID
+	} else {
+		label := pi.Label
+		f.Label = &label
+	}
+	keys, err := m.dst.ListKeys(ctx, f)
+	if err != nil {
+		return nil, fmt.Errorf("key %s (label %q): looking for an earlier copy on the target: %w", pi.Ref, pi.Label, err)
+	}
+	me := m.dst.User().Name
+	var hits []hsm.KeyInfo
+	for _, k := range keys {
+		if k.Owner == me && k.Type == pi.Type && plan.Identity(k.ID, k.Label, k.Class, k.Type, k.KCV) == pi.Identity() {
+			hits = append(hits, k)
+		}
+	}
+	switch len(hits) {
+	case 0:
+		return nil, nil
+	case 1:
+		return &hits[0], nil
+	}
+	refs := make([]string, len(hits))
+	for i, k := range hits {
+		refs[i] = k.Ref.String()
+	}
+	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d copies (%s); delete all but one, then run migrate again",
+		pi.Ref, pi.Label, len(hits), strings.Join(refs, ", ")))
+}
+
+// waitCoverage waits until the target key is on enough HSMs.
+func (m *Migration) waitCoverage(ctx context.Context, pi plan.Item, ref hsm.KeyRef) error {
+	deadline := time.Now().Add(m.opts.CoverageWait)
+	delay := 5 * time.Millisecond
+	for {
+		k, err := m.dst.GetKey(ctx, ref)
+		if err != nil {
+			return fmt.Errorf("key %s (label %q): checking coverage of target key %s: %w", pi.Ref, pi.Label, ref, err)
+		}
+		if k.Coverage.Count() >= m.need || len(k.Coverage.HSMs) == 0 && m.need <= 1 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return hsm.Errorf(hsm.CodeQuorum, "migrate", ref, "key %s (label %q) is on %d HSM(s) of the target, not yet %d (%s); it will be checked again",
+				pi.Ref, pi.Label, k.Coverage.Count(), m.need, k.Coverage)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 500*time.Millisecond)
+	}
+}
+
+// permanentError marks an error that retrying cannot cure.
+type permanentError struct{ error }
+
+func (e permanentError) Unwrap() error { return e.error }
+
+func permanent(err error) error { return permanentError{err} }
