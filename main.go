@@ -120,6 +120,10 @@ func commands(e *env) []*cli.Command {
 		wrapCommand(e),
 		unwrapCommand(e),
 		hsmCommand(e),
+		planCommand(e),
+		migrateCommand(e),
+		verifyCommand(e),
+		journalCommand(e),
 	}
 }
 

@@ -30,10 +30,11 @@ var (
 
 // Journal is an open journal file.
 type Journal struct {
-	db     *bolt.DB
-	path   string
-	lock   Lock
-	closed bool
+	db       *bolt.DB
+	path     string
+	lock     Lock
+	closed   bool
+	readOnly bool
 	// TookOver is the stale lock record of a dead process that Open
 	// replaced, if any, so the caller can say so.
 	TookOver *Lock
@@ -48,6 +49,9 @@ type Options struct {
 	Command string
 	// NoSync skips fsync: for benchmarks that measure everything else.
 	NoSync bool
+	// ReadOnly opens an existing journal to read it, sharing it with other
+	// readers and taking no lock record; it never creates the file.
+	ReadOnly bool
 	// BatchSize is how many concurrent transitions share a commit;
 	// set it to the worker count. Default 64.
 	BatchSize int
@@ -104,7 +108,12 @@ func Open(path string, o Options) (*Journal, error) {
 	if o.BatchSize <= 0 {
 		o.BatchSize = 64
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.Wait, NoSync: o.NoSync, FreelistType: bolt.FreelistMapType})
+	if o.ReadOnly {
+		if _, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("journal %s: %w", path, err)
+		}
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.Wait, NoSync: o.NoSync, ReadOnly: o.ReadOnly, FreelistType: bolt.FreelistMapType})
 	if err != nil {
 		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, &LockedError{Path: path, Holder: readSidecar(path)}
@@ -119,6 +128,15 @@ func Open(path string, o Options) (*Journal, error) {
 	db.MaxBatchDelay = 2 * time.Millisecond
 	host, _ := os.Hostname()
 	j := &Journal{db: db, path: path, lock: Lock{Host: host, PID: os.Getpid(), Command: o.Command, Start: time.Now().UTC()}}
+	if o.ReadOnly {
+		j.closed = false
+		j.readOnly = true
+		if err := j.checkReadable(); err != nil {
+			db.Close()
+			return nil, err
+		}
+		return j, nil
+	}
 	if err := j.init(); err != nil {
 		db.Close()
 		return nil, err
@@ -191,6 +209,19 @@ func (j *Journal) init() (err error) {
 	})
 }
 
+// checkReadable makes sure a journal opened read-only has our buckets.
+func (j *Journal) checkReadable() (err error) {
+	defer guard(j.path, &err)
+	return j.db.View(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketMeta, bucketRuns, bucketItems, bucketEvents} {
+			if tx.Bucket(b) == nil {
+				return fmt.Errorf("journal %s: %w", j.path, ErrFormat)
+			}
+		}
+		return nil
+	})
+}
+
 // Path is the journal's file name.
 func (j *Journal) Path() string { return j.path }
 
@@ -200,6 +231,9 @@ func (j *Journal) Close() error {
 		return nil
 	}
 	j.closed = true
+	if j.readOnly {
+		return j.db.Close()
+	}
 	err := j.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketMeta).Delete(keyLock)
 	})

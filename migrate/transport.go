@@ -26,8 +26,8 @@ type transport struct {
 	oaepParams hsm.Params
 }
 
-func setupTransport(ctx context.Context, src, dst hsm.Session, p *plan.Plan) (t *transport, err error) {
-	t = &transport{src: src, dst: dst, plan: p, oaepParams: hsm.Params{Hash: p.Transport.Hash}}
+func setupTransport(ctx context.Context, src, dst hsm.Session, p *plan.Plan) (_ *transport, err error) {
+	t := &transport{src: src, dst: dst, plan: p, oaepParams: hsm.Params{Hash: p.Transport.Hash}}
 	defer func() {
 		if err != nil {
 			t.close(context.WithoutCancel(ctx), nil)

@@ -16,11 +16,12 @@ import (
 const AutoSessionKEKThreshold = 20
 
 // Identity is how a key is recognised on the target without its handle:
-// by id and KCV, or, for a key without an id, by label, class, type and
-// KCV. A migration looks for it before unwrapping again after a crash.
+// by id, class and KCV (the halves of a key pair share id and KCV), or, for
+// a key without an id, by label, class, type and KCV. A migration looks for
+// it before unwrapping again after a crash.
 func Identity(id hsm.Bytes, label string, class hsm.Class, typ hsm.KeyType, kcv hsm.Bytes) string {
 	if len(id) > 0 {
-		return "id:" + hex.EncodeToString(id) + "/kcv:" + hex.EncodeToString(kcv)
+		return "id:" + hex.EncodeToString(id) + "/" + string(class) + "/kcv:" + hex.EncodeToString(kcv)
 	}
 	return fmt.Sprintf("label:%q/%s/%s/kcv:%x", label, class, typ, []byte(kcv))
 }
@@ -102,7 +103,7 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 		byIdentity[keyIdentity(k)] = k
 		byRef[k.Ref] = k
 		if len(k.ID) > 0 {
-			byOwnerID[k.Owner+"/"+hex.EncodeToString(k.ID)] = k
+			byOwnerID[k.Owner+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)] = k
 		}
 	}
 	srcIdentities := map[string]int{}
@@ -180,8 +181,8 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 				block(ReasonNotExtractable, "not extractable: it cannot leave its HSM; rotate its data keys under a new key (keymig rotate), or restore a backup into a clone and sync it")
 			case k.Attrs.WrapWithTrusted:
 				block(ReasonWrapWithTrusted, "wrap-with-trusted: only a trusted key may wrap it and keymig's transport key is not trusted; migrate it by a clone and sync")
-			case len(k.ID) > 0 && byOwnerID[dst.User.Name+"/"+hex.EncodeToString(k.ID)].Ref != 0:
-				t := byOwnerID[dst.User.Name+"/"+hex.EncodeToString(k.ID)]
+			case len(k.ID) > 0 && byOwnerID[dst.User.Name+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)].Ref != 0:
+				t := byOwnerID[dst.User.Name+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)]
 				block(ReasonConflict, "id %s is already used on the target by %s with another KCV (%s there, %s here); keymig never overwrites a key", k.ID, t.Ref, t.KCV, k.KCV)
 			default:
 				if missing := missingUsers(k.SharedWith, users); len(missing) > 0 {

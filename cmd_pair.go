@@ -1,0 +1,144 @@
+package main
+
+// What the commands that work on two clusters share (plan, migrate,
+// verify, synckey): their flags, opening both clusters and logging in to
+// each, and listing each inventory once.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/plan"
+	"github.com/urfave/cli/v2"
+)
+
+// pairOptions name two clusters and where their PINs come from.
+type pairOptions struct {
+	SourceDir, TargetDir         string
+	SourcePINFile, TargetPINFile string
+	LockTimeout                  time.Duration
+}
+
+// pairFlags are the flags of pairOptions; required says whether --source
+// and --target must be given (migrate and verify take them from the plan).
+func pairFlags(required bool) []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "source", Required: required, Usage: "the source cluster `DIR`ectory"},
+		&cli.StringFlag{Name: "target", Required: required, Usage: "the target cluster `DIR`ectory"},
+		&cli.StringFlag{Name: "source-pin-file", Usage: "read the source PIN from `FILE` (mode 0600) instead of " + envSourcePIN},
+		&cli.StringFlag{Name: "target-pin-file", Usage: "read the target PIN from `FILE` (mode 0600) instead of " + envTargetPIN},
+		&cli.DurationFlag{Name: "lock-timeout", Value: defaultLockTimeout, Usage: "how long to wait for another keymig process using a cluster"},
+	}
+}
+
+func pairOptionsFrom(c *cli.Context) pairOptions {
+	return pairOptions{
+		SourceDir: c.String("source"), TargetDir: c.String("target"),
+		SourcePINFile: c.String("source-pin-file"), TargetPINFile: c.String("target-pin-file"),
+		LockTimeout: c.Duration("lock-timeout"),
+	}
+}
+
+// side is one logged-in cluster.
+type side struct {
+	dir     string
+	cluster *cluster.Cluster
+	session hsm.Session
+}
+
+// pair is both clusters, open and logged in.
+type pair struct {
+	src, dst side
+}
+
+// openPair opens both clusters and logs in to each with its own PIN. The
+// PINs are read before anything is opened, so a missing one fails fast.
+func openPair(ctx context.Context, e *env, o pairOptions) (_ *pair, err error) {
+	if o.SourceDir == "" || o.TargetDir == "" {
+		return nil, errors.New("both --source DIR and --target DIR are needed")
+	}
+	srcCreds, err := loadPIN(e, envSourcePIN, o.SourcePINFile, "the source cluster "+o.SourceDir)
+	if err != nil {
+		return nil, err
+	}
+	dstCreds, err := loadPIN(e, envTargetPIN, o.TargetPINFile, "the target cluster "+o.TargetDir)
+	if err != nil {
+		return nil, err
+	}
+	p := &pair{}
+	defer func() {
+		if err != nil {
+			p.close(ctx)
+		}
+	}()
+	for _, s := range []struct {
+		sd    *side
+		dir   string
+		creds hsm.Credentials
+	}{{&p.src, o.SourceDir, srcCreds}, {&p.dst, o.TargetDir, dstCreds}} {
+		cl, err := openCluster(ctx, clusterOptions{Dir: s.dir, LockTimeout: o.LockTimeout})
+		if err != nil {
+			return nil, err
+		}
+		s.sd.dir, s.sd.cluster = s.dir, cl
+		sess, err := cl.Login(ctx, s.creds)
+		if err != nil {
+			return nil, loginError(s.dir, s.creds.User, err)
+		}
+		s.sd.session = sess
+	}
+	return p, nil
+}
+
+// close logs out of and closes both clusters.
+func (p *pair) close(ctx context.Context) {
+	for _, s := range []*side{&p.src, &p.dst} {
+		if s.session != nil {
+			s.session.Logout(context.WithoutCancel(ctx))
+		}
+		if s.cluster != nil {
+			s.cluster.Close()
+		}
+	}
+}
+
+// inventory lists one side once: cluster facts, the user, user names and
+// every key the user can see.
+func (s side) inventory(ctx context.Context) (plan.Inventory, error) {
+	info, err := s.session.Info(ctx)
+	if err != nil {
+		return plan.Inventory{}, inCluster(s.dir, err)
+	}
+	users, err := s.session.ListUsers(ctx)
+	if err != nil {
+		return plan.Inventory{}, inCluster(s.dir, fmt.Errorf("listing users: %w", err))
+	}
+	keys, err := s.session.ListKeys(ctx, hsm.Filter{})
+	if err != nil {
+		return plan.Inventory{}, inCluster(s.dir, fmt.Errorf("listing keys: %w", err))
+	}
+	inv := plan.Inventory{Dir: s.dir, Info: info, User: s.session.User(), Keys: keys}
+	for _, u := range users {
+		inv.Users = append(inv.Users, u.Name)
+	}
+	return inv, nil
+}
+
+// measureRTT times a few cheap reads to estimate one round trip.
+func (s side) measureRTT(ctx context.Context, keys []hsm.KeyInfo) time.Duration {
+	const n = 5
+	if len(keys) == 0 {
+		return 0
+	}
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		if _, err := s.session.GetKey(ctx, keys[i%len(keys)].Ref); err != nil {
+			return 0
+		}
+	}
+	return time.Since(start) / n
+}
