@@ -53,14 +53,14 @@ type Report struct {
 
 // Migration is one plan being applied.
 type Migration struct {
-	plan  *plan.Plan
-	src   hsm.Session
-	dst   hsm.Session
-	items map[string]plan.Item
-	opts  Options
-	log   *slog.Logger
-	tr    *transport
-	need  int // HSMs a new key must reach
+	plan    *plan.Plan
+	src     hsm.Session
+	dst     hsm.Session
+	items   map[string]plan.Item
+	opts    Options
+	log     *slog.Logger
+	tr      *transport
+	need    int // HSMs a new key must reach
 	adopted atomic.Int64
 }
 
