@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# keymig quickstart: an offline round trip with the rsa-aes mechanism
+# (PKCS#11 CKM_RSA_AES_KEY_WRAP, as AWS KMS and Google Cloud KMS import it).
+#
+#   1. make an RSA-3072 key pair and an AES-256 key with openssl;
+#   2. wrap the AES key with keymig;
+#   3. unwrap it with openssl alone, the way the cloud import guides do;
+#   4. unwrap it with keymig.
+#
+# Usage: KEYMIG=/path/to/keymig examples/quickstart.sh   (default: keymig on PATH)
+set -euo pipefail
+umask 077
+
+KEYMIG=${KEYMIG:-keymig}
+work=$(mktemp -d "${TMPDIR:-/tmp}/keymig-quickstart.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "1. an RSA-3072 key pair (the importer's) and an AES-256 key (the one to move), in $work"
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out private.pem 2>/dev/null
+openssl pkey -in private.pem -pubout -out public.pem
+openssl rand -out aes256.bin 32
+ls -l private.pem public.pem aes256.bin
+
+step "2. keymig wrap --mechanism rsa-aes (OAEP SHA-256, AES-256 ephemeral key)"
+"$KEYMIG" wrap --mechanism rsa-aes --wrapping-key public.pem --in aes256.bin --out blob.bin
+ls -l blob.bin
+
+step "3. unwrap with openssl only: split the blob after the 384-byte RSA part"
+modulus_bytes=384
+head -c "$modulus_bytes" blob.bin > blob.rsa
+tail -c "+$((modulus_bytes + 1))" blob.bin > blob.kwp
+openssl pkeyutl -decrypt -inkey private.pem -in blob.rsa -out ephemeral.bin \
+  -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256
+echo "openssl recovered the $(wc -c < ephemeral.bin)-byte ephemeral AES key (RSA-OAEP SHA-256)"
+openssl enc -d -id-aes256-wrap-pad -iv A65959A6 -K "$(od -An -tx1 ephemeral.bin | tr -d ' \n')" \
+  -in blob.kwp -out openssl-unwrapped.bin
+cmp aes256.bin openssl-unwrapped.bin
+echo "openssl unwrapped the key (AES-KWP, RFC 5649): identical to aes256.bin"
+
+step "4. keymig unwrap"
+"$KEYMIG" unwrap --mechanism rsa-aes --unwrapping-key private.pem --in blob.bin --out keymig-unwrapped.bin
+cmp aes256.bin keymig-unwrapped.bin
+echo "keymig unwrapped the key: identical to aes256.bin"
+
+step "5. a wrong key fails with one message, whatever the cause"
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out other.pem 2>/dev/null
+if "$KEYMIG" unwrap --mechanism rsa-aes --unwrapping-key other.pem --in blob.bin --out never.bin 2>&1; then
+  echo "unexpected: unwrapping with the wrong key succeeded" >&2
+  exit 1
+fi
+
+echo "(the failure above is expected)"
+printf '\nquickstart: OK\n'
