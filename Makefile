@@ -17,6 +17,12 @@ vet:
 
 test: vet
 	$(GO) test -race -count=1 ./...
+	@# go test hides a passing package's output; show the vector counts.
+	@$(GO) test -count=1 -v -run 'Wycheproof' ./wrap/ | grep '^wycheproof:'
+
+# The crash test with more keys and kills than make test runs.
+torture:
+	KEYMIG_TORTURE_KEYS=5000 KEYMIG_TORTURE_KILLS=60 $(GO) test -count=1 -run 'TestMigrateSurvivesKills' -timeout 60m -v .
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./...

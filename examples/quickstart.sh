@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # keymig quickstart: an offline round trip with the rsa-aes mechanism
-# (PKCS#11 CKM_RSA_AES_KEY_WRAP, as AWS KMS and Google Cloud KMS import it).
+# (PKCS#11 CKM_RSA_AES_KEY_WRAP, as AWS KMS and Google Cloud KMS import it),
+# then a migration between two embedded HSM clusters (steps 6-11).
 #
 #   1. make an RSA-3072 key pair and an AES-256 key with openssl;
 #   2. wrap the AES key with keymig;
@@ -53,4 +54,42 @@ if "$KEYMIG" unwrap --mechanism rsa-aes --unwrapping-key other.pem --in blob.bin
 fi
 
 echo "(the failure above is expected)"
+
+# --- Part two: a migration between two embedded HSM clusters -------------
+# PINs come from the environment, never from a flag's value.
+step "6. two embedded clusters of 2 HSMs each: the old one and the new one"
+export KEYMIG_PIN=admin:quickstart-admin
+"$KEYMIG" hsm init --dir old --hsms 2 --region us-east-1
+"$KEYMIG" hsm init --dir new --hsms 2 --region eu-west-1
+for c in old new; do
+  KEYMIG_NEW_PASSWORD=quickstart-app "$KEYMIG" hsm user create --cluster "$c" --username app --role crypto-user
+done
+
+step "7. keys on the old cluster: 25 AES-256 data keys, an RSA and an EC key pair, and a non-extractable master key"
+export KEYMIG_PIN=app:quickstart-app
+"$KEYMIG" hsm key generate --cluster old --type aes-256 --label data --id 0100 --count 25 >/dev/null
+"$KEYMIG" hsm key generate --cluster old --type rsa-2048 --label signing --id 0200 >/dev/null
+"$KEYMIG" hsm key generate --cluster old --type ec-p256 --label tls --id 0300 >/dev/null
+"$KEYMIG" hsm key generate --cluster old --type aes-256 --label master --id 0400 --attr extractable=false >/dev/null
+"$KEYMIG" hsm key list --cluster old > old-keys.txt
+head -5 old-keys.txt
+echo "..."
+
+step "8. keymig plan: what would move, how, and what cannot (exit status 2: there is work)"
+export KEYMIG_SOURCE_PIN=app:quickstart-app KEYMIG_TARGET_PIN=app:quickstart-app
+set +e
+"$KEYMIG" plan --source old --target new --out plan.json
+status=$?
+set -e
+[ "$status" -eq 2 ] || { echo "plan exited $status, expected 2" >&2; exit 1; }
+
+step "9. keymig migrate: a resumable job recorded in plan.json.journal"
+"$KEYMIG" migrate --plan plan.json --workers 32
+
+step "10. keymig verify: every planned key on the new cluster, same check value, on 2 HSMs"
+"$KEYMIG" verify --plan plan.json
+"$KEYMIG" journal status --journal plan.json.journal
+
+step "11. running migrate again is a no-op"
+"$KEYMIG" migrate --plan plan.json
 printf '\nquickstart: OK\n'
