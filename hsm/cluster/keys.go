@@ -154,7 +154,36 @@ func (s *session) GetKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, erro
 		}
 		return hsm.KeyInfo{}, notFound
 	}
-	return keys[0], nil
+	k := keys[0]
+	if k.Attrs.Token && len(k.Coverage.HSMs) > 0 && s.repair(ctx, ref, listings, answered) {
+		cov := s.c.coverageOf(ref)
+		cov.Inconsistent = k.Coverage.Inconsistent
+		k.Coverage = cov
+	}
+	return k, nil
+}
+
+// repair copies a token key that some answering HSMs hold and others lack
+// to those others, as the client's key sync would have done had it not been
+// interrupted (a process killed between creating a key and cloning it). It
+// reports whether it copied anything.
+func (s *session) repair(ctx context.Context, ref hsm.KeyRef, listings map[string][]hsm.KeyInfo, answered map[string]bool) bool {
+	var holder *member
+	missing := false
+	for id := range answered {
+		if len(listings[id]) > 0 {
+			if holder == nil {
+				holder = s.c.memberByID(id)
+			}
+		} else {
+			missing = true
+		}
+	}
+	if holder == nil || !missing {
+		return false
+	}
+	s.c.replicate(ctx, holder, []hsm.KeyRef{ref})
+	return true
 }
 
 // merge combines per-HSM listings into one list ordered by handle, with

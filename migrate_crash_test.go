@@ -1,0 +1,209 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/journal"
+	"github.com/keymig/keymig/plan"
+	"github.com/sourcegraph/conc/pool"
+)
+
+const (
+	crashOfficer = "admin:crash-admin-pass"
+	crashUser    = "alice"
+	crashPass    = "crash-alice-pass"
+)
+
+// newCrashCluster makes an n-HSM cluster with a crypto user, cheaply.
+func newCrashCluster(t *testing.T, dir string, hsms int) {
+	t.Helper()
+	ctx := context.Background()
+	officer, _ := hsm.ParsePIN(crashOfficer)
+	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: hsms, Officer: officer, KDFIterations: 1000, KeyCapacity: 20000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.Login(ctx, officer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Logout(ctx)
+	if err := s.CreateUser(ctx, crashUser, hsm.RoleCryptoUser, crashPass); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// withUser opens the cluster at dir and runs fn logged in as the crypto user.
+func withUser(t *testing.T, dir string, fn func(s hsm.Session)) {
+	t.Helper()
+	ctx := context.Background()
+	c, err := cluster.Open(ctx, dir, cluster.OpenOptions{LockTimeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.Login(ctx, hsm.Credentials{User: crashUser, Password: crashPass})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Logout(ctx)
+	fn(s)
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// TestMigrateSurvivesKills runs keymig migrate as a real process on
+// thousands of keys, kills it with SIGKILL at random moments, resumes it
+// each time, and then checks every key: on the target exactly once, with
+// the source's check value, on at least two HSMs; the journal checks clean;
+// no transport key is left behind. make torture runs it bigger.
+func TestMigrateSurvivesKills(t *testing.T) {
+	keys := envInt("KEYMIG_TORTURE_KEYS", 2000)
+	kills := envInt("KEYMIG_TORTURE_KILLS", 20)
+	if testing.Short() {
+		keys, kills = 300, 5
+	}
+	bin, err := exec.LookPath("keymig")
+	if err != nil {
+		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
+	}
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	newCrashCluster(t, src, 2)
+	newCrashCluster(t, dst, 2)
+
+	// Source keys: AES-256 with distinct ids, made concurrently.
+	want := map[string]hsm.Bytes{} // id hex → KCV
+	withUser(t, src, func(s hsm.Session) {
+		p := pool.NewWithResults[hsm.KeyInfo]().WithErrors().WithMaxGoroutines(16)
+		for i := 0; i < keys; i++ {
+			p.Go(func() (hsm.KeyInfo, error) {
+				return s.GenerateKey(context.Background(), hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{
+					Label: "crash", ID: hsm.Bytes(fmt.Sprintf("k%05d", i)),
+				}})
+			})
+		}
+		infos, err := p.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range infos {
+			want[k.ID.String()] = k.KCV
+		}
+	})
+
+	pin := crashUser + ":" + crashPass
+	t.Setenv(envSourcePIN, pin)
+	t.Setenv(envTargetPIN, pin)
+	planPath := filepath.Join(dir, "plan.json")
+	// rsa-aes: one RSA operation per key keeps each run long enough to be
+	// killed in the middle.
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"keymig", "plan", "--source", src, "--target", dst, "--transport", "rsa-aes", "--transport-bits", "2048", "--out", planPath}, nil, &stdout, &stderr); code != exitPending {
+		t.Fatalf("plan exit %d: %s", code, stderr.String())
+	}
+
+	migrateCmd := func() *exec.Cmd {
+		cmd := exec.Command(bin, "migrate", "--plan", planPath, "--workers", "8", "--no-progress")
+		cmd.Env = append(os.Environ(), envSourcePIN+"="+pin, envTargetPIN+"="+pin)
+		return cmd
+	}
+	killed, runs, finished := 0, 0, false
+	for killed < kills && runs < 4*kills && !finished {
+		runs++
+		cmd := migrateCmd()
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("migrate run %d failed before it was killed: %v\n%s", runs, err, out.String())
+			}
+			// It finished: nothing left to kill.
+			finished = true
+		case <-time.After(time.Duration(300+rand.IntN(1300)) * time.Millisecond):
+			cmd.Process.Signal(syscall.SIGKILL)
+			err := <-done
+			var ee *exec.ExitError
+			if errors.As(err, &ee) && !ee.Exited() {
+				killed++
+			} else if err != nil {
+				t.Fatalf("migrate run %d: %v\n%s", runs, err, out.String())
+			}
+		}
+	}
+	t.Logf("%d keys, %d runs, %d killed by SIGKILL", keys, runs, killed)
+	if killed < kills {
+		t.Errorf("the job finished after %d kills, before the %d wanted: make each run slower or the kills sooner", killed, kills)
+	}
+
+	// The last run finishes the job.
+	out, err := migrateCmd().CombinedOutput()
+	if err != nil {
+		t.Fatalf("final migrate: %v\n%s", err, out)
+	}
+	t.Logf("final run:\n%s", out)
+
+	// Every key exactly once, with its KCV, on two HSMs; no transport keys.
+	withUser(t, dst, func(s hsm.Session) {
+		got, err := s.ListKeys(context.Background(), hsm.Filter{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]int{}
+		for _, k := range got {
+			if strings.HasPrefix(k.Label, plan.TransportLabelPrefix) {
+				t.Errorf("transport key %s left on the target", k.Ref)
+				continue
+			}
+			id := k.ID.String()
+			seen[id]++
+			if kcv, ok := want[id]; !ok {
+				t.Errorf("unexpected key %s id %s on the target", k.Ref, id)
+			} else if kcv.String() != k.KCV.String() {
+				t.Errorf("key id %s: KCV %s on the target, %s on the source", id, k.KCV, kcv)
+			}
+			if k.Coverage.Count() < 2 {
+				t.Errorf("key id %s on %d HSMs: %s", id, k.Coverage.Count(), k.Coverage)
+			}
+		}
+		for id := range want {
+			if seen[id] != 1 {
+				t.Errorf("key id %s is on the target %d times, want exactly 1", id, seen[id])
+			}
+		}
+	})
+	j, err := journal.Open(journal.DefaultPath(planPath), journal.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	if errs := j.Check(); len(errs) > 0 {
+		t.Fatalf("journal check: %v", errs)
+	}
+}
