@@ -194,15 +194,16 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 	return nil
 }
 
-// checkJournalPlan refuses a journal that holds runs of another plan only.
+// checkJournalPlan refuses a journal that holds a run of another plan:
+// one journal per plan keeps resumes unambiguous.
 func checkJournalPlan(j *journal.Journal, p *plan.Plan, path string) error {
 	runs, err := j.Runs()
 	if err != nil {
 		return err
 	}
 	for _, r := range runs {
-		if r.Kind == migrate.RunKind && r.ID != p.Digest && r.Status != journal.RunDone {
-			return fmt.Errorf("journal %s belongs to another plan (%s), whose run is %s: finish that plan, or give this one its own --journal", path, r.ID, r.Status)
+		if r.Kind == migrate.RunKind && r.ID != p.Digest {
+			return fmt.Errorf("journal %s belongs to another plan (%s, run %s), not to this one (%s): give this plan its own --journal", path, r.ID, r.Status, p.Digest)
 		}
 	}
 	return nil
