@@ -5,6 +5,7 @@ import (
 	"context"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/keymig/keymig/hsm"
@@ -149,6 +150,19 @@ func (s *session) GetKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, erro
 	}
 	keys := s.c.merge(listings, answered)
 	if len(keys) == 0 {
+		// Not found on the HSMs that answered is not "not found" if the
+		// key map says an HSM that did not answer holds it.
+		if holders, _ := s.c.keys.get(ref); len(holders) > 0 {
+			var silent []string
+			for _, id := range holders {
+				if !answered[id] {
+					silent = append(silent, id)
+				}
+			}
+			if len(silent) > 0 {
+				return hsm.KeyInfo{}, hsm.Errorf(hsm.CodeUnavailable, "get", ref, "the key is held by HSM %s, which is not answering; try again when it is back", strings.Join(silent, ", "))
+			}
+		}
 		if notFound == nil {
 			notFound = hsm.Errorf(hsm.CodeNotFound, "get", ref, "no such key")
 		}
