@@ -22,10 +22,13 @@ var (
 )
 
 // testCluster makes a 2-HSM cluster with a crypto user and logs in as it.
-func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) {
+func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) { return benchCluster(t, dir) }
+
+// benchCluster is testCluster for tests and benchmarks alike.
+func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
 	t.Helper()
 	ctx := context.Background()
-	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: 2, Officer: officer, KDFIterations: 1000})
+	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: 2, Officer: officer, KDFIterations: 1000, KeyCapacity: 100000})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +49,9 @@ func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) {
 	return c, s
 }
 
-func inventory(t *testing.T, dir string, s hsm.Session) plan.Inventory {
+func inventory(t *testing.T, dir string, s hsm.Session) plan.Inventory { return benchInventory(t, dir, s) }
+
+func benchInventory(t testing.TB, dir string, s hsm.Session) plan.Inventory {
 	t.Helper()
 	ctx := context.Background()
 	info, err := s.Info(ctx)
