@@ -22,7 +22,9 @@ var (
 )
 
 // testCluster makes a 2-HSM cluster with a crypto user and logs in as it.
-func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) { return benchCluster(t, dir) }
+func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) {
+	return benchCluster(t, dir)
+}
 
 // benchCluster is testCluster for tests and benchmarks alike.
 func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
@@ -49,7 +51,9 @@ func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
 	return c, s
 }
 
-func inventory(t *testing.T, dir string, s hsm.Session) plan.Inventory { return benchInventory(t, dir, s) }
+func inventory(t *testing.T, dir string, s hsm.Session) plan.Inventory {
+	return benchInventory(t, dir, s)
+}
 
 func benchInventory(t testing.TB, dir string, s hsm.Session) plan.Inventory {
 	t.Helper()
