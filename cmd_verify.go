@@ -82,13 +82,15 @@ func runVerify(ctx context.Context, e *env, o verifyOptions, stdout io.Writer) e
 	need := min(2, len(dst.Info.HSMs))
 	rows := migrate.Verify(p, src.Keys, dst.Keys, dst.User.Name, need)
 	counts := map[string]int{}
-	bad := 0
+	bad, blocked := 0, 0
 	var shown []migrate.Row
 	for i, r := range rows {
 		counts[r.Mark]++
 		if r.Mark != migrate.MarkSame {
 			shown = append(shown, r)
-			if p.Items[i].Action != plan.Blocked {
+			if p.Items[i].Action == plan.Blocked {
+				blocked++
+			} else {
 				bad++
 			}
 		}
@@ -111,8 +113,8 @@ func runVerify(ctx context.Context, e *env, o verifyOptions, stdout io.Writer) e
 		}
 	} else {
 		printRows(stdout, shown)
-		fmt.Fprintf(stdout, "%d same, %d on source only, %d on target only, %d differ, %d errors (%d planned keys)\n",
-			counts["="], counts["+"], counts["-"], counts["*"], counts["!"], len(rows))
+		fmt.Fprintf(stdout, "%d same, %d on source only, %d on target only, %d differ, %d errors, %d blocked in the plan (%d keys)\n",
+			counts["="], counts["+"], counts["-"], counts["*"], counts["!"]-blocked, blocked, len(rows))
 	}
 	if bad > 0 {
 		return fmt.Errorf("%d planned key(s) are not in place on the target; run keymig migrate --plan %s to finish, or look at the lines above", bad, o.Plan)
