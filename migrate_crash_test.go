@@ -207,3 +207,73 @@ func TestMigrateSurvivesKills(t *testing.T) {
 		t.Fatalf("journal check: %v", errs)
 	}
 }
+
+// TestMigrateStopsCleanlyOnSIGINT interrupts keymig migrate with SIGINT:
+// it exits 130, leaves no item between the target call and its commit, and
+// the next run finishes the job.
+func TestMigrateStopsCleanlyOnSIGINT(t *testing.T) {
+	bin, err := exec.LookPath("keymig")
+	if err != nil {
+		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
+	}
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	newCrashCluster(t, src, 2)
+	newCrashCluster(t, dst, 2)
+	withUser(t, src, func(s hsm.Session) {
+		for i := 0; i < 600; i++ {
+			if _, err := s.GenerateKey(context.Background(), hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: "int", ID: hsm.Bytes(fmt.Sprintf("i%04d", i))}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	pin := crashUser + ":" + crashPass
+	t.Setenv(envSourcePIN, pin)
+	t.Setenv(envTargetPIN, pin)
+	planPath := filepath.Join(dir, "plan.json")
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"keymig", "plan", "--source", src, "--target", dst, "--transport", "rsa-aes", "--transport-bits", "2048", "--out", planPath}, nil, &stdout, &stderr); code != exitPending {
+		t.Fatalf("plan exit %d: %s", code, stderr.String())
+	}
+	cmd := exec.Command(bin, "migrate", "--plan", planPath, "--workers", "4", "--no-progress")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	cmd.Process.Signal(os.Interrupt)
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != exitInterrupted {
+		t.Fatalf("migrate after SIGINT: %v, want exit %d\n%s", err, exitInterrupted, out.String())
+	}
+	if !strings.Contains(out.String(), "run the same command again to resume") {
+		t.Errorf("no resume hint after SIGINT:\n%s", out.String())
+	}
+	j, err := journal.Open(journal.DefaultPath(planPath), journal.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, info, err := j.Run(mustPlanDigest(t, planPath))
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts, _ := r.Counts()
+	j.Close()
+	if info.Status != journal.RunInterrupted || counts["acting"] != 0 || counts["done"] == 0 || counts["pending"] == 0 {
+		t.Fatalf("after SIGINT: status %s, states %v; want interrupted, some done, some pending, none acting", info.Status, counts)
+	}
+	if out, err := exec.Command(bin, "migrate", "--plan", planPath, "--no-progress").CombinedOutput(); err != nil {
+		t.Fatalf("resume: %v\n%s", err, out)
+	}
+}
+
+func mustPlanDigest(t *testing.T, path string) string {
+	t.Helper()
+	p, err := plan.Read(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p.Digest
+}
