@@ -32,7 +32,10 @@ func BenchmarkMigrate(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("KEYMIG_BENCH_KEYS")); err == nil && v > 0 {
 		n = v
 	}
-	const workers = 64
+	workers := 64
+	if v, err := strconv.Atoi(os.Getenv("KEYMIG_BENCH_WORKERS")); err == nil && v > 0 {
+		workers = v
+	}
 	ctx := context.Background()
 	dir := b.TempDir()
 	_, src := benchCluster(b, filepath.Join(dir, "src"))
