@@ -91,6 +91,30 @@ func resolvePair(o pairOptions, p *plan.Plan) pairOptions {
 	return o
 }
 
+// openPlannedPair opens the plan's clusters (or the ones given), checks
+// that they and the users are the planned ones, and lists each once.
+func openPlannedPair(ctx context.Context, e *env, o pairOptions, p *plan.Plan, planPath string) (_ *pair, src, dst plan.Inventory, err error) {
+	pr, err := openPair(ctx, e, resolvePair(o, p))
+	if err != nil {
+		return nil, src, dst, err
+	}
+	defer func() {
+		if err != nil {
+			pr.close(ctx)
+		}
+	}()
+	if err = checkPairMatchesPlan(ctx, pr, p, planPath); err != nil {
+		return nil, src, dst, err
+	}
+	if src, err = pr.src.inventory(ctx); err != nil {
+		return nil, src, dst, err
+	}
+	if dst, err = pr.dst.inventory(ctx); err != nil {
+		return nil, src, dst, err
+	}
+	return pr, src, dst, nil
+}
+
 // checkPairMatchesPlan makes sure the clusters and users are the planned ones.
 func checkPairMatchesPlan(ctx context.Context, pr *pair, p *plan.Plan, planPath string) error {
 	for _, s := range []struct {
@@ -142,22 +166,11 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 		}
 	}
 
-	pr, err := openPair(ctx, e, resolvePair(o.pairOptions, p))
+	pr, src, dst, err := openPlannedPair(ctx, e, o.pairOptions, p, o.Plan)
 	if err != nil {
 		return err
 	}
 	defer pr.close(ctx)
-	if err := checkPairMatchesPlan(ctx, pr, p, o.Plan); err != nil {
-		return err
-	}
-	src, err := pr.src.inventory(ctx)
-	if err != nil {
-		return err
-	}
-	dst, err := pr.dst.inventory(ctx)
-	if err != nil {
-		return err
-	}
 	if err := p.CheckFresh(src.Keys, dst.Keys); err != nil {
 		return fmt.Errorf("plan %s: %w", o.Plan, err)
 	}
@@ -264,22 +277,11 @@ func runMigrateDryRun(ctx context.Context, e *env, o migrateOptions, p *plan.Pla
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	pr, err := openPair(ctx, e, resolvePair(o.pairOptions, p))
+	pr, src, dst, err := openPlannedPair(ctx, e, o.pairOptions, p, o.Plan)
 	if err != nil {
 		return err
 	}
 	defer pr.close(ctx)
-	if err := checkPairMatchesPlan(ctx, pr, p, o.Plan); err != nil {
-		return err
-	}
-	src, err := pr.src.inventory(ctx)
-	if err != nil {
-		return err
-	}
-	dst, err := pr.dst.inventory(ctx)
-	if err != nil {
-		return err
-	}
 	stale := p.CheckFresh(src.Keys, dst.Keys)
 	rows := migrate.DryRun(p, src.Keys, dst.Keys, dst.User.Name, states)
 	work := 0

@@ -63,22 +63,11 @@ func runVerify(ctx context.Context, e *env, o verifyOptions, stdout io.Writer) e
 	if err != nil {
 		return err
 	}
-	pr, err := openPair(ctx, e, resolvePair(o.pairOptions, p))
+	pr, src, dst, err := openPlannedPair(ctx, e, o.pairOptions, p, o.Plan)
 	if err != nil {
 		return err
 	}
 	defer pr.close(ctx)
-	if err := checkPairMatchesPlan(ctx, pr, p, o.Plan); err != nil {
-		return err
-	}
-	src, err := pr.src.inventory(ctx)
-	if err != nil {
-		return err
-	}
-	dst, err := pr.dst.inventory(ctx)
-	if err != nil {
-		return err
-	}
 	need := min(2, len(dst.Info.HSMs))
 	rows := migrate.Verify(p, src.Keys, dst.Keys, dst.User.Name, need)
 	counts := map[string]int{}
