@@ -28,7 +28,8 @@ type Harness struct {
 	// object tests then move keys across. Optional.
 	NewClone func(t *testing.T, b hsm.Backend) (clone hsm.Backend, officer hsm.Credentials)
 	// Capacity is the token-key capacity of the backends New makes, if it
-	// is small enough to reach in a test (say up to 64); 0 skips the
+	// is small enough to fill in a test (a few hundred at most) and large
+	// enough for the concurrency test (about 200 keys); 0 skips the
 	// capacity test.
 	Capacity int
 	// FIPS says the backends New makes run in FIPS mode; the FIPS tests

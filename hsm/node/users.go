@@ -140,29 +140,23 @@ func (n *Node) Login(ctx context.Context, c hsm.Credentials) (hsm.Session, error
 		return nil, err
 	}
 	ok := u != nil && subtle.ConstantTimeCompare(got, u.Hash) == 1
-	var (
-		locked bool
-		role   hsm.Role
-	)
+	var role hsm.Role
 	auditOp := "login"
 	if !ok {
 		auditOp = "login-failed"
 	}
 	err = n.write(ctx, AuditRecord{User: c.User, Op: auditOp}, func(tx *bolt.Tx, rec *AuditRecord) error {
-		locked = false
 		cur, err := getUser(tx, c.User)
 		if err != nil {
 			return err
 		}
 		if cur == nil || u == nil || !bytesEqual(cur.Hash, u.Hash) {
 			if cur != nil && cur.Locked {
-				locked = true
 				return lockedError(c.User)
 			}
 			return loginFailed() // unknown user, or the password changed meanwhile
 		}
 		if cur.Locked {
-			locked = true
 			return lockedError(c.User)
 		}
 		if !ok {
@@ -185,7 +179,6 @@ func (n *Node) Login(ctx context.Context, c hsm.Credentials) (hsm.Session, error
 		return nil
 	})
 	if err != nil {
-		_ = locked
 		return nil, err
 	}
 	s := &session{n: n, id: n.nextSession.Add(1), user: c.User, role: role}
