@@ -124,6 +124,7 @@ func commands(e *env) []*cli.Command {
 		migrateCommand(e),
 		verifyCommand(e),
 		journalCommand(e),
+		synckeyCommand(e),
 	}
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # keymig quickstart: an offline round trip with the rsa-aes mechanism
 # (PKCS#11 CKM_RSA_AES_KEY_WRAP, as AWS KMS and Google Cloud KMS import it),
-# then a migration between two embedded HSM clusters (steps 6-11).
+# then a migration between two embedded HSM clusters (steps 6-11) and a
+# cross-region sync to a clone (step 12).
 #
 #   1. make an RSA-3072 key pair and an AES-256 key with openssl;
 #   2. wrap the AES key with keymig;
@@ -92,4 +93,10 @@ step "10. keymig verify: every planned key on the new cluster, same check value,
 
 step "11. running migrate again is a no-op"
 "$KEYMIG" migrate --plan plan.json
+
+step "12. cross-region sync: back up the new cluster, restore a clone in ap-southeast-2, add a key on the source, keymig synckey"
+KEYMIG_PIN= "$KEYMIG" hsm backup create --cluster new --out new.backup
+KEYMIG_PIN= "$KEYMIG" hsm restore --backup new.backup --dir new-ap --region ap-southeast-2 --hsms 2
+KEYMIG_PIN=app:quickstart-app "$KEYMIG" hsm key generate --cluster new --type aes-256 --label added-after-clone --id 0500 --attr extractable=false
+KEYMIG_SOURCE_PIN=app:quickstart-app KEYMIG_TARGET_PIN=app:quickstart-app "$KEYMIG" synckey --source new --target new-ap
 printf '\nquickstart: OK\n'
