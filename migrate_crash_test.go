@@ -158,7 +158,7 @@ func TestMigrateSurvivesKills(t *testing.T) {
 		}
 	}
 	t.Logf("%d keys, %d runs, %d killed by SIGKILL", keys, runs, killed)
-	if killed < kills {
+	if killed < kills && !testing.Short() {
 		t.Errorf("the job finished after %d kills, before the %d wanted: make each run slower or the kills sooner", killed, kills)
 	}
 
