@@ -125,6 +125,8 @@ func commands(e *env) []*cli.Command {
 		verifyCommand(e),
 		journalCommand(e),
 		synckeyCommand(e),
+		rotateCommand(e),
+		datakeysCommand(e),
 	}
 }
 
