@@ -301,6 +301,12 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 	ureq.Class, ureq.Type, ureq.Template = pi.Class, pi.Type, tmpl
 	k, err := m.dst.UnwrapKey(ctx, ureq)
 	clear(blob)
+	if errors.Is(err, hsm.ErrExists) && it.Attempts > 1 {
+		// An earlier attempt's unwrap may have succeeded with its answer
+		// lost, on an HSM that did not answer the look just made: look
+		// again later rather than fail a key that is probably there.
+		return k, hsm.Errorf(hsm.CodeUnavailable, "migrate", pi.Ref, "key %s (label %q): the target already holds a key with its id, probably from an earlier attempt; looking for it again (%v)", pi.Ref, pi.Label, err)
+	}
 	if err != nil {
 		return k, fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err)
 	}
