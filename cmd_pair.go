@@ -69,6 +69,12 @@ func openPair(ctx context.Context, e *env, o pairOptions) (_ *pair, err error) {
 	if err != nil {
 		return nil, err
 	}
+	return openPairWith(ctx, o, srcCreds, dstCreds)
+}
+
+// openPairWith opens both clusters and logs in with credentials already
+// read, so that a scheduled sync asks for its PINs once.
+func openPairWith(ctx context.Context, o pairOptions, srcCreds, dstCreds hsm.Credentials) (_ *pair, err error) {
 	p := &pair{}
 	defer func() {
 		if err != nil {

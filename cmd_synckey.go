@@ -314,31 +314,3 @@ func printSynckey(w io.Writer, o synckeyOptions, res synckey.Result, runErr erro
 	}
 	return nil
 }
-
-// openPairWith opens both clusters and logs in with credentials already
-// read, so that a scheduled sync asks for its PINs once.
-func openPairWith(ctx context.Context, o pairOptions, srcCreds, dstCreds hsm.Credentials) (_ *pair, err error) {
-	p := &pair{}
-	defer func() {
-		if err != nil {
-			p.close(ctx)
-		}
-	}()
-	for _, s := range []struct {
-		sd    *side
-		dir   string
-		creds hsm.Credentials
-	}{{&p.src, o.SourceDir, srcCreds}, {&p.dst, o.TargetDir, dstCreds}} {
-		cl, err := openCluster(ctx, clusterOptions{Dir: s.dir, LockTimeout: o.LockTimeout})
-		if err != nil {
-			return nil, err
-		}
-		s.sd.dir, s.sd.cluster = s.dir, cl
-		sess, err := cl.Login(ctx, s.creds)
-		if err != nil {
-			return nil, loginError(s.dir, s.creds.User, err)
-		}
-		s.sd.session = sess
-	}
-	return p, nil
-}
