@@ -9,9 +9,11 @@ import (
 	"os"
 	"time"
 
+	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/migrate"
 	"github.com/keymig/keymig/plan"
+	"github.com/keymig/keymig/rotate"
 	"github.com/keymig/keymig/runner"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
@@ -39,6 +41,12 @@ func migrateCommand(e *env) *cli.Command {
 each step in a journal (plan.json.journal by default). If it is stopped —
 Ctrl-C, a crash, a kill — run the same command again: it resumes where it
 stopped and never makes a key twice. A finished run is a no-op.
+
+A rotate key (a master key that cannot leave its HSM, planned with
+plan --datakeys LABEL=FILE) gets a new key with its label, id and attributes
+on the target, and every data key in FILE is re-encrypted under it inside
+the HSMs into FILE.rotated, resumably, in the same journal. The old master
+is never changed.
 
 It refuses a plan whose content does not match its digest, or whose clusters
 changed since planning, and says how to re-plan. --dry-run reports what would
@@ -183,9 +191,21 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 	if !o.NoProgress {
 		progress = runner.NewProgress(stderr, isTerminal(stderr), e.log, "keys", 5*time.Second)
 	}
-	m := migrate.New(p, pr.src.session, pr.dst.session, migrate.Options{
+	opts := migrate.Options{
 		Workers: o.Workers, MaxKeys: o.MaxKeys, MaxDuration: o.MaxDuration, Progress: progress, Log: e.log,
-	})
+	}
+	if p.Counts()[plan.Rotate] > 0 {
+		lanes := &rotationLanes{pair: pr}
+		defer lanes.close(ctx)
+		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64}
+		if !o.NoProgress {
+			opts.Rotation.Progress = func(plan.Item) runner.Progress {
+				// Log lines, not a second bar under the keys' bar.
+				return runner.NewProgress(stderr, false, e.log, "data keys", 5*time.Second)
+			}
+		}
+	}
+	m := migrate.New(p, pr.src.session, pr.dst.session, opts)
 	rep, err := m.Run(ctx, r)
 	rep.Resumed = resumed
 	if err != nil {
@@ -205,6 +225,32 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 		return fmt.Errorf("%d key(s) failed; see above or keymig journal show --journal %s, fix the cause and run migrate again to retry them", max(rep.Summary.Failed, 1), o.Journal)
 	}
 	return nil
+}
+
+// rotationLanesPerCluster is how many sessions a migration's rotations
+// use on each cluster: enough to spread the work over the HSMs.
+const rotationLanesPerCluster = 8
+
+// rotationLanes opens the sessions of a migration's rotations when the
+// first rotate item needs them, and closes them at the end.
+type rotationLanes struct {
+	pair     *pair
+	src, dst []hsm.Session
+}
+
+func (l *rotationLanes) open(ctx context.Context) (src, dst rotate.Side, err error) {
+	if l.src, err = l.pair.src.moreSessions(ctx, rotationLanesPerCluster); err != nil {
+		return src, dst, err
+	}
+	if l.dst, err = l.pair.dst.moreSessions(ctx, rotationLanesPerCluster); err != nil {
+		return src, dst, err
+	}
+	return rotate.Side{Name: l.pair.src.dir, Sessions: l.src}, rotate.Side{Name: l.pair.dst.dir, Sessions: l.dst}, nil
+}
+
+func (l *rotationLanes) close(ctx context.Context) {
+	logoutAll(ctx, l.src)
+	logoutAll(ctx, l.dst)
 }
 
 // checkJournalPlan refuses a journal that holds a run of another plan:
@@ -246,6 +292,9 @@ func printMigrateReport(w io.Writer, out outputFormat, info journal.RunInfo, jou
 	t.row("failed", fmt.Sprint(s.Failed))
 	if s.Pending > 0 {
 		t.row("not started", fmt.Sprint(s.Pending))
+	}
+	if rep.DataKeys > 0 {
+		t.row("data keys", fmt.Sprintf("%d re-encrypted under new masters", rep.DataKeys))
 	}
 	if rep.Adopted > 0 {
 		t.row("adopted", fmt.Sprintf("%d (found on the target after an interrupted attempt)", rep.Adopted))

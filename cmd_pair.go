@@ -48,6 +48,29 @@ type side struct {
 	dir     string
 	cluster *cluster.Cluster
 	session hsm.Session
+	creds   hsm.Credentials // for more sessions (a rotation's lanes)
+}
+
+// moreSessions logs in n more times, for work that spreads over the HSMs
+// of the cluster (each session's objects live on one HSM).
+func (s side) moreSessions(ctx context.Context, n int) ([]hsm.Session, error) {
+	var out []hsm.Session
+	for range n {
+		sess, err := s.cluster.Login(ctx, s.creds)
+		if err != nil {
+			logoutAll(ctx, out)
+			return nil, loginError(s.dir, s.creds.User, err)
+		}
+		out = append(out, sess)
+	}
+	return out, nil
+}
+
+// logoutAll ends every session of ss.
+func logoutAll(ctx context.Context, ss []hsm.Session) {
+	for _, s := range ss {
+		s.Logout(context.WithoutCancel(ctx))
+	}
 }
 
 // pair is both clusters, open and logged in.
@@ -90,7 +113,7 @@ func openPairWith(ctx context.Context, o pairOptions, srcCreds, dstCreds hsm.Cre
 		if err != nil {
 			return nil, err
 		}
-		s.sd.dir, s.sd.cluster = s.dir, cl
+		s.sd.dir, s.sd.cluster, s.sd.creds = s.dir, cl, s.creds
 		sess, err := cl.Login(ctx, s.creds)
 		if err != nil {
 			return nil, loginError(s.dir, s.creds.User, err)

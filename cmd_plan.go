@@ -8,12 +8,15 @@ import (
 	"crypto/rsa"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/plan"
+	"github.com/keymig/keymig/rotate"
 	"github.com/urfave/cli/v2"
 )
 
@@ -28,6 +31,7 @@ type planOptions struct {
 	Force         bool
 	Output        outputFormat
 	Workers       int
+	DataKeys      []string // LABEL=FILE
 }
 
 func planCommand(e *env) *cli.Command {
@@ -41,6 +45,10 @@ select:
             unwrapped on the target (rsa-oaep, rsa-aes or session-kek)
   sync      the clusters are clones: copied as a masked object, handle kept,
             non-extractable keys included
+  rotate    cannot leave its HSM, but its data keys were given with
+            --datakeys LABEL=FILE: migrate makes a new key with its label,
+            id and attributes on the target and re-encrypts every data key
+            in FILE under it into FILE.rotated (plaintext never on the host)
   skip      already on the target with the same id and check value
   blocked   cannot move, with the reason and what to do
 
@@ -53,7 +61,8 @@ PINs come from KEYMIG_SOURCE_PIN and KEYMIG_TARGET_PIN, --source-pin-file and
 
 Example:
   export KEYMIG_SOURCE_PIN=alice:pass1 KEYMIG_TARGET_PIN=alice:pass2
-  keymig plan --source ./old --target ./new --filter attr.key-type=aes --out plan.json`,
+  keymig plan --source ./old --target ./new --filter attr.key-type=aes --out plan.json
+  keymig plan --source ./old --target ./new --datakeys tde-master=tde-keys.jsonl --out plan.json`,
 		Flags: append(pairFlags(true),
 			&cli.StringSliceFlag{Name: "filter", Usage: "select source keys: key-reference=0x... or attr.NAME=VALUE (repeatable, ANDed)"},
 			&cli.StringFlag{Name: "transport", Value: "auto", Usage: "how keys travel: auto, rsa-aes, rsa-oaep or session-kek"},
@@ -62,6 +71,7 @@ Example:
 			&cli.StringFlag{Name: "out", Required: true, Usage: "write the plan to `FILE`"},
 			&cli.BoolFlag{Name: "force", Usage: "replace an existing plan file"},
 			&cli.IntFlag{Name: "workers", Value: 64, Usage: "workers the time estimate assumes (as keymig migrate --workers)"},
+			&cli.StringSliceFlag{Name: "datakeys", Usage: "`LABEL=FILE`: FILE (JSON Lines) holds the data keys of the non-extractable master key labelled LABEL; migrate rotates them under a new key on the target (repeatable)"},
 			outputFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -75,7 +85,7 @@ Example:
 			return runPlan(c.Context, e, planOptions{
 				pairOptions: pairOptionsFrom(c), Filter: c.StringSlice("filter"), Transport: c.String("transport"),
 				Hash: c.String("hash"), TransportBits: c.Int("transport-bits"), Out: c.String("out"),
-				Force: c.Bool("force"), Output: out, Workers: c.Int("workers"),
+				Force: c.Bool("force"), Output: out, Workers: c.Int("workers"), DataKeys: c.StringSlice("datakeys"),
 			}, e.stdout)
 		},
 	}
@@ -93,11 +103,16 @@ type planSummary struct {
 	Transport plan.Transport `json:"transport"`
 	Estimate  string         `json:"estimate"`
 	Blocked   []plan.Item    `json:"blocked"`
+	Rotations []plan.Item    `json:"rotations,omitempty"`
 }
 
 func runPlan(ctx context.Context, e *env, o planOptions, stdout io.Writer) error {
 	// Check the options before logging in anywhere.
 	if _, err := plan.Build(plan.Inventory{}, plan.Inventory{}, plan.Options{Filter: o.Filter, Transport: o.Transport, Hash: o.Hash, TransportBits: o.TransportBits}, time.Now()); err != nil {
+		return err
+	}
+	dataKeys, err := parseDataKeys(o.DataKeys)
+	if err != nil {
 		return err
 	}
 	p, err := openPair(ctx, e, o.pairOptions)
@@ -113,7 +128,10 @@ func runPlan(ctx context.Context, e *env, o planOptions, stdout io.Writer) error
 	if err != nil {
 		return err
 	}
-	pl, err := plan.Build(src, dst, plan.Options{Filter: o.Filter, Transport: o.Transport, Hash: o.Hash, TransportBits: o.TransportBits}, time.Now())
+	if err := scanDataKeys(dataKeys, src.Keys); err != nil {
+		return err
+	}
+	pl, err := plan.Build(src, dst, plan.Options{Filter: o.Filter, Transport: o.Transport, Hash: o.Hash, TransportBits: o.TransportBits, DataKeys: dataKeys}, time.Now())
 	if err != nil {
 		return err
 	}
@@ -132,9 +150,12 @@ func runPlan(ctx context.Context, e *env, o planOptions, stdout io.Writer) error
 		sum.Actions[string(a)] = n
 	}
 	for _, it := range pl.Items {
-		if it.Action == plan.Blocked {
+		switch it.Action {
+		case plan.Blocked:
 			sum.Reasons[it.ReasonCode]++
 			sum.Blocked = append(sum.Blocked, it)
+		case plan.Rotate:
+			sum.Rotations = append(sum.Rotations, it)
 		}
 	}
 	sum.Estimate = estimate(ctx, p, src.Keys, dst.Keys, pl, o.Workers)
@@ -157,7 +178,7 @@ func printPlanSummary(w io.Writer, s planSummary) error {
 	fmt.Fprintf(w, "source %s (%s, %s) as %s → target %s (%s, %s) as %s\n\n",
 		s.Source.Dir, s.Source.ID, s.Source.Region, s.Source.User, s.Target.Dir, s.Target.ID, s.Target.Region, s.Target.User)
 	t := newTable(w, "ACTION", "KEYS")
-	for _, a := range []plan.Action{plan.Transfer, plan.Sync, plan.Skip, plan.Blocked} {
+	for _, a := range []plan.Action{plan.Transfer, plan.Sync, plan.Rotate, plan.Skip, plan.Blocked} {
 		t.row(string(a), fmt.Sprint(s.Actions[string(a)]))
 	}
 	t.flush()
@@ -173,6 +194,16 @@ func printPlanSummary(w io.Writer, s planSummary) error {
 		fmt.Fprintf(w, "\ntransport: %s, RSA-%d with %s — %s\n", s.Transport.Method, s.Transport.Bits, s.Transport.Hash, s.Transport.Why)
 	}
 	fmt.Fprintf(w, "estimate: %s\n", s.Estimate)
+	if len(s.Rotations) > 0 {
+		fmt.Fprintln(w, "\nrotated (a new master on the target, data keys re-encrypted under it):")
+		for _, it := range s.Rotations {
+			made := ""
+			if it.TargetRef != 0 {
+				made = fmt.Sprintf(" (new master %s already made)", it.TargetRef)
+			}
+			fmt.Fprintf(w, "  %s %q: %d data keys, %s → %s%s\n", it.Ref, it.Label, it.Rotation.Records, it.Rotation.In, it.Rotation.Out, made)
+		}
+	}
 	if len(s.Blocked) > 0 {
 		fmt.Fprintln(w, "\nblocked keys:")
 		for i, it := range s.Blocked {
@@ -183,7 +214,7 @@ func printPlanSummary(w io.Writer, s planSummary) error {
 			fmt.Fprintf(w, "  %s %q: %s\n", it.Ref, it.Label, it.Reason)
 		}
 	}
-	if s.Actions[string(plan.Transfer)]+s.Actions[string(plan.Sync)] > 0 {
+	if s.Actions[string(plan.Transfer)]+s.Actions[string(plan.Sync)]+s.Actions[string(plan.Rotate)] > 0 {
 		fmt.Fprintf(w, "\nnext: keymig migrate --plan %s\n", s.Plan)
 	} else {
 		fmt.Fprintln(w, "\nnothing to move.")
@@ -249,4 +280,49 @@ func rsaOpTime(bits int) time.Duration {
 	per := time.Since(start) / n
 	f := float64(bits) / 2048
 	return time.Duration(float64(per) * f * f * f)
+}
+
+// parseDataKeys reads --datakeys LABEL=FILE values; the files are read
+// once the source keys are known (scanDataKeys).
+func parseDataKeys(vals []string) ([]plan.DataKeys, error) {
+	var out []plan.DataKeys
+	for _, v := range vals {
+		label, file, ok := strings.Cut(v, "=")
+		if !ok || label == "" || file == "" {
+			return nil, fmt.Errorf("--datakeys %q: want LABEL=FILE, the master key's label and its data-key file (JSON Lines)", v)
+		}
+		if _, err := os.Stat(file); err != nil {
+			return nil, fmt.Errorf("--datakeys %s: %w", v, err)
+		}
+		out = append(out, plan.DataKeys{Label: label, In: file, Out: file + ".rotated"})
+	}
+	return out, nil
+}
+
+// scanDataKeys reads each data-key file once: its records, its bad lines
+// (checked against the source key with its label) and its SHA-256. A
+// label that is on no source key, or on several, is left to plan.Build to
+// report.
+func scanDataKeys(dks []plan.DataKeys, srcKeys []hsm.KeyInfo) error {
+	for i := range dks {
+		dk := &dks[i]
+		var masters []hsm.KeyInfo
+		for _, k := range srcKeys {
+			if k.Label == dk.Label {
+				masters = append(masters, k)
+			}
+		}
+		if len(masters) != 1 {
+			continue
+		}
+		rep, err := rotate.Scan(dk.In, masters[0])
+		if err != nil {
+			return fmt.Errorf("--datakeys %s=%s: %w", dk.Label, dk.In, err)
+		}
+		dk.SHA256, dk.Records, dk.Bad = rep.SHA256, rep.Records, rep.Bad
+		if len(rep.Problems) > 0 {
+			dk.Problem = rep.Problems[0]
+		}
+	}
+	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"strings"
 
+	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/migrate"
 	"github.com/keymig/keymig/plan"
 	"github.com/urfave/cli/v2"
@@ -33,6 +34,10 @@ that is not in order, rclone check style:
   -  on the target only (the source key is gone)
   *  differs (another check value, or its id holds another key)
   !  an error (a duplicate, too few HSMs, or blocked in the plan)
+A rotated master key is in order when its new master is on the target with
+its label, id and attributes, and its rotated data-key file holds every
+record of the planned file, under the new master (keymig datakeys verify
+then compares each data key inside the HSMs).
 --combined FILE writes every key's line, = included.
 
 Exit status: 0 when every planned key is in place, 1 otherwise.`,
@@ -70,6 +75,13 @@ func runVerify(ctx context.Context, e *env, o verifyOptions, stdout io.Writer) e
 	defer pr.close(ctx)
 	need := min(2, len(dst.Info.HSMs))
 	rows := migrate.Verify(p, src.Keys, dst.Keys, dst.User.Name, need)
+	for i := range rows {
+		if it := p.Items[i]; it.Action == plan.Rotate && rows[i].Mark == migrate.MarkSame {
+			if err := migrate.CheckRotated(it, keyByRef(dst.Keys, rows[i].Target)); err != nil {
+				rows[i].Mark, rows[i].Detail = migrate.MarkError, err.Error()
+			}
+		}
+	}
 	counts := map[string]int{}
 	bad, blocked := 0, 0
 	var shown []migrate.Row
@@ -109,4 +121,14 @@ func runVerify(ctx context.Context, e *env, o verifyOptions, stdout io.Writer) e
 		return fmt.Errorf("%d planned key(s) are not in place on the target; run keymig migrate --plan %s to finish, or look at the lines above", bad, o.Plan)
 	}
 	return nil
+}
+
+// keyByRef finds ref among keys (the zero KeyInfo if it is not there).
+func keyByRef(keys []hsm.KeyInfo, ref hsm.KeyRef) hsm.KeyInfo {
+	for _, k := range keys {
+		if k.Ref == ref {
+			return k
+		}
+	}
+	return hsm.KeyInfo{}
 }

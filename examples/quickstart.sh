@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # keymig quickstart: an offline round trip with the rsa-aes mechanism
 # (PKCS#11 CKM_RSA_AES_KEY_WRAP, as AWS KMS and Google Cloud KMS import it),
-# then a migration between two embedded HSM clusters (steps 6-11) and a
-# cross-region sync to a clone (step 12).
+# then a migration between two embedded HSM clusters (steps 6-11) in which a
+# non-extractable master key's data keys are re-encrypted under a new master
+# (plaintext never on the host), and a cross-region sync to a clone (step 12).
 #
 #   1. make an RSA-3072 key pair and an AES-256 key with openssl;
 #   2. wrap the AES key with keymig;
@@ -66,29 +67,39 @@ for c in old new; do
   KEYMIG_NEW_PASSWORD=quickstart-app "$KEYMIG" hsm user create --cluster "$c" --username app --role crypto-user
 done
 
-step "7. keys on the old cluster: 25 AES-256 data keys, an RSA and an EC key pair, and a non-extractable master key"
+step "7. keys on the old cluster: 25 AES-256 keys, an RSA and an EC key pair, and a non-extractable TDE master key with 2000 data keys wrapped under it"
 export KEYMIG_PIN=app:quickstart-app
 "$KEYMIG" hsm key generate --cluster old --type aes-256 --label data --id 0100 --count 25 >/dev/null
 "$KEYMIG" hsm key generate --cluster old --type rsa-2048 --label signing --id 0200 >/dev/null
 "$KEYMIG" hsm key generate --cluster old --type ec-p256 --label tls --id 0300 >/dev/null
-"$KEYMIG" hsm key generate --cluster old --type aes-256 --label master --id 0400 --attr extractable=false >/dev/null
+"$KEYMIG" hsm key generate --cluster old --type aes-256 --label tde-master --id 0400 \
+  --attr extractable=false --attr wrap=true --attr unwrap=true >/dev/null
 "$KEYMIG" hsm key list --cluster old > old-keys.txt
 head -5 old-keys.txt
 echo "..."
+# The HSM makes each data key and wraps it under the master (AES-KWP).
+"$KEYMIG" datakeys generate --cluster old --master attr.label=tde-master --count 2000 --out tde-keys.jsonl --no-progress
+echo "tde-keys.jsonl: $(wc -l < tde-keys.jsonl) data keys, e.g."
+head -1 tde-keys.jsonl
 
 step "8. keymig plan: what would move, how, and what cannot (exit status 2: there is work)"
+echo "tde-master cannot leave its HSM; --datakeys makes it a rotation instead of a blocked key"
 export KEYMIG_SOURCE_PIN=app:quickstart-app KEYMIG_TARGET_PIN=app:quickstart-app
 set +e
-"$KEYMIG" plan --source old --target new --out plan.json
+"$KEYMIG" plan --source old --target new --datakeys tde-master=tde-keys.jsonl --out plan.json
 status=$?
 set -e
 [ "$status" -eq 2 ] || { echo "plan exited $status, expected 2" >&2; exit 1; }
 
-step "9. keymig migrate: a resumable job recorded in plan.json.journal"
+step "9. keymig migrate: a resumable job recorded in plan.json.journal; a new tde-master on the new cluster, data keys re-encrypted under it"
 "$KEYMIG" migrate --plan plan.json --workers 32
+echo "the same record, rotated: only master and ciphertext changed"
+head -1 tde-keys.jsonl.rotated
 
-step "10. keymig verify: every planned key on the new cluster, same check value, on 2 HSMs"
+step "10. keymig verify: every planned key on the new cluster, same check value, on 2 HSMs; every data key the same inside the HSMs"
 "$KEYMIG" verify --plan plan.json
+"$KEYMIG" datakeys verify --source old --from-key attr.label=tde-master --in tde-keys.jsonl \
+  --target new --to-key attr.label=tde-master --rotated tde-keys.jsonl.rotated
 "$KEYMIG" journal status --journal plan.json.journal
 
 step "11. running migrate again is a no-op"

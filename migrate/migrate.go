@@ -37,6 +37,8 @@ type Options struct {
 	CoverageWait time.Duration
 	// Backoff is the runner's item retry policy.
 	Backoff runner.Backoff
+	// Rotation serves the plan's rotate items; nil if it has none.
+	Rotation *Rotation
 }
 
 // Report is what a run did, for the summary and the journal.
@@ -49,19 +51,22 @@ type Report struct {
 	Skipped   int            `json:"skipped"`
 	Blocked   int            `json:"blocked"`
 	Adopted   int            `json:"adopted"` // keys found on the target after a crash and taken as done
+	DataKeys  int64          `json:"data-keys-rotated,omitempty"`
 }
 
 // Migration is one plan being applied.
 type Migration struct {
-	plan    *plan.Plan
-	src     hsm.Session
-	dst     hsm.Session
-	items   map[string]plan.Item
-	opts    Options
-	log     *slog.Logger
-	tr      *transport
-	need    int // HSMs a new key must reach
-	adopted atomic.Int64
+	plan     *plan.Plan
+	src      hsm.Session
+	dst      hsm.Session
+	items    map[string]plan.Item
+	opts     Options
+	log      *slog.Logger
+	tr       *transport
+	need     int // HSMs a new key must reach
+	adopted  atomic.Int64
+	dataKeys atomic.Int64 // data keys re-encrypted by rotate items
+	run      *journal.Run
 }
 
 // New prepares the migration of p between src and dst.
@@ -117,6 +122,7 @@ func isFinal(state string) bool {
 // have been checked against the plan (plan.CheckFresh) by the caller.
 func (m *Migration) Run(ctx context.Context, r *journal.Run) (Report, error) {
 	rep := Report{Plan: m.plan.Digest, Transport: string(m.plan.Transport.Method)}
+	m.run = r
 	remaining, err := Seed(r, m.plan)
 	if err != nil {
 		return rep, err
@@ -151,6 +157,7 @@ func (m *Migration) Run(ctx context.Context, r *journal.Run) (Report, error) {
 	})
 	rep.Summary = sum
 	rep.Adopted = int(m.adopted.Load())
+	rep.DataKeys = m.dataKeys.Load()
 	if err != nil {
 		return rep, err
 	}
@@ -203,6 +210,9 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 	pi, ok := m.items[it.Key]
 	if !ok {
 		return it, fmt.Errorf("journal item %s is not in the plan: the journal belongs to another plan", it.Key)
+	}
+	if pi.Action == plan.Rotate {
+		return m.rotateItem(ctx, pi, it, commit)
 	}
 	var target hsm.KeyInfo
 	if it.State != runner.StatePending {

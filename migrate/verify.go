@@ -2,10 +2,12 @@ package migrate
 
 import (
 	"fmt"
+	"os"
 	"slices"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/plan"
+	"github.com/keymig/keymig/rotate"
 )
 
 // Row is one line of a verify or dry-run report, in rclone check style.
@@ -53,6 +55,10 @@ func Verify(p *plan.Plan, srcKeys, dstKeys []hsm.KeyInfo, dstUser string, need i
 			rows = append(rows, r)
 			continue
 		}
+		if it.Action == plan.Rotate {
+			rows = append(rows, verifyRotate(it, dstKeys, dstUser, need))
+			continue
+		}
 		var hits []hsm.KeyInfo
 		if it.Method == plan.MethodMasked || (it.Action == plan.Skip && p.Source.Lineage == p.Target.Lineage) {
 			if k, ok := byRef[it.Ref]; ok {
@@ -97,6 +103,59 @@ func Verify(p *plan.Plan, srcKeys, dstKeys []hsm.KeyInfo, dstUser string, need i
 	return rows
 }
 
+// verifyRotate checks a rotate item's new master: on the target once,
+// owned by the target user, with the old key's label, id and attributes,
+// on enough HSMs. Its data-key file is checked by CheckRotated.
+func verifyRotate(it plan.Item, dstKeys []hsm.KeyInfo, dstUser string, need int) Row {
+	r := Row{Ref: it.Ref, Label: it.Label}
+	var hits []hsm.KeyInfo
+	for _, k := range dstKeys {
+		if it.IsNewMaster(k, dstUser) {
+			hits = append(hits, k)
+		}
+	}
+	switch len(hits) {
+	case 0:
+		r.Mark, r.Detail = MarkSource, "not rotated yet: no new master on the target"
+		return r
+	case 1:
+	default:
+		r.Mark, r.Detail = MarkError, fmt.Sprintf("%d candidate new masters on the target (%s): there must be one", len(hits), refs(hits))
+		return r
+	}
+	t := hits[0]
+	r.Target = t.Ref
+	want := template(it).Attrs
+	for a, v := range want {
+		if got, _ := t.Attrs.Get(a); got != v {
+			r.Mark, r.Detail = MarkDiffer, fmt.Sprintf("the new master %s has %s=%v, the old key %v", t.Ref, a, got, v)
+			return r
+		}
+	}
+	if t.Coverage.Count() < need && len(t.Coverage.HSMs) > 0 {
+		r.Mark, r.Detail = MarkError, fmt.Sprintf("the new master %s is on %d HSM(s) of the target, fewer than %d (%s)", t.Ref, t.Coverage.Count(), need, t.Coverage)
+		return r
+	}
+	r.Mark, r.Detail = MarkSame, fmt.Sprintf("rotated: new master with check value %s; data keys in %s", t.KCV, it.Rotation.Out)
+	return r
+}
+
+// CheckRotated checks the rotated data-key file of a rotate item whose new
+// master is target: every record of the planned input is in it, in order,
+// with only master, alg and ciphertext changed, and names the new master.
+// (keymig datakeys verify goes further and compares each data key inside
+// the HSMs.)
+func CheckRotated(it plan.Item, target hsm.KeyInfo) error {
+	dk := it.Rotation
+	if _, err := os.Stat(dk.Out); err != nil {
+		return fmt.Errorf("the new master %s is made, but %s is missing: run keymig migrate again to finish re-encrypting the data keys", target.Ref, dk.Out)
+	}
+	if err := rotate.CheckOutput(dk.In, dk.Out, target, dk.Records); err != nil {
+		return fmt.Errorf("%s: %w", dk.Out, err)
+	}
+	return nil
+}
+
 // DryRun says what a migration would do now, from the clusters' listings
 // and the journal's states (nil for a run that has not started). It
 // changes nothing anywhere.
@@ -113,6 +172,10 @@ func DryRun(p *plan.Plan, srcKeys, dstKeys []hsm.KeyInfo, dstUser string, states
 			rows[i].Detail = "would skip: " + it.Reason
 		case st == "done":
 			rows[i].Detail = "already done by an earlier run"
+		case it.Action == plan.Rotate && r.Mark == MarkSame:
+			rows[i].Detail = fmt.Sprintf("would take up the new master %s and finish re-encrypting %d data keys from %s into %s", r.Target, it.Rotation.Records, it.Rotation.In, it.Rotation.Out)
+		case it.Action == plan.Rotate && r.Mark == MarkSource:
+			rows[i].Detail = fmt.Sprintf("would make a new master on the target and re-encrypt %d data keys from %s into %s", it.Rotation.Records, it.Rotation.In, it.Rotation.Out)
 		case r.Mark == MarkSame:
 			rows[i].Detail = "would adopt the key already on the target as " + r.Target.String()
 		case r.Mark == MarkSource:

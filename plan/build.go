@@ -2,6 +2,7 @@ package plan
 
 import (
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -31,17 +32,37 @@ func (it Item) Identity() string { return Identity(it.ID, it.Label, it.Class, it
 
 func keyIdentity(k hsm.KeyInfo) string { return Identity(k.ID, k.Label, k.Class, k.Type, k.KCV) }
 
+// newMasterKey is how the new master of a rotate item is recognised on
+// the target: the old key's label, id, class and type. Its check value is
+// not known in advance, since its key material is new.
+func newMasterKey(label string, id hsm.Bytes, class hsm.Class, typ hsm.KeyType) string {
+	return fmt.Sprintf("%q/%x/%s/%s", label, []byte(id), class, typ)
+}
+
+// IsNewMaster reports whether k, owned by owner, is the new master a
+// rotate item makes on the target: same label, id, class and type as the
+// old key, owned by the target user, and another check value.
+func (it Item) IsNewMaster(k hsm.KeyInfo, owner string) bool {
+	return it.Action == Rotate && k.Owner == owner && !slices.Equal(k.KCV, it.KCV) &&
+		newMasterKey(k.Label, k.ID, k.Class, k.Type) == newMasterKey(it.Label, it.ID, it.Class, it.Type)
+}
+
 // TargetDigest is the target inventory digest: every target key except
-// those that are a planned key (same identity), so that the keys a run
-// makes do not make its own plan stale.
+// those that are a planned key (same identity, or the new master of a
+// rotate item), so that the keys a run makes do not make its own plan
+// stale.
 func TargetDigest(keys []hsm.KeyInfo, items []Item) string {
 	planned := make(map[string]bool, len(items))
+	masters := map[string]bool{}
 	for _, it := range items {
 		planned[it.Identity()] = true
+		if it.Action == Rotate {
+			masters[newMasterKey(it.Label, it.ID, it.Class, it.Type)] = true
+		}
 	}
 	var rest []hsm.KeyInfo
 	for _, k := range keys {
-		if !planned[keyIdentity(k)] {
+		if !planned[keyIdentity(k)] && !masters[newMasterKey(k.Label, k.ID, k.Class, k.Type)] {
 			rest = append(rest, k)
 		}
 	}
@@ -75,6 +96,10 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 	hashBytes, ok := map[string]int{"sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64}[opts.Hash]
 	if !ok {
 		return nil, fmt.Errorf("--hash %q: want sha1, sha224, sha256, sha384 or sha512", opts.Hash)
+	}
+	dataKeys, err := dataKeysByLabel(opts.DataKeys)
+	if err != nil {
+		return nil, err
 	}
 	clones := src.Info.Lineage != "" && src.Info.Lineage == dst.Info.Lineage
 	if src.Info.ID != "" && src.Info.ID == dst.Info.ID {
@@ -116,6 +141,9 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 		srcIdentities[keyIdentity(k)]++
 	}
 	sort.Slice(selected, func(i, j int) bool { return selected[i].Ref < selected[j].Ref })
+	if err := checkDataKeyLabels(dataKeys, selected, clones); err != nil {
+		return nil, err
+	}
 
 	oaepFits := func(k hsm.KeyInfo) bool {
 		return k.Class == hsm.ClassSecret && k.Bits/8 <= opts.TransportBits/8-2*hashBytes-2
@@ -178,7 +206,7 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 			case k.Owner != src.User.Name && k.Class != hsm.ClassPublic:
 				block(ReasonNotOwner, "owned by %s, shared with %s: only the owner can wrap it; plan again logged in as %s", k.Owner, src.User.Name, k.Owner)
 			case !k.Attrs.Extractable && k.Class != hsm.ClassPublic:
-				block(ReasonNotExtractable, "not extractable: it cannot leave its HSM; rotate its data keys under a new key (keymig rotate), or restore a backup into a clone and sync it")
+				block(ReasonNotExtractable, "not extractable: it cannot leave its HSM; give its data keys with --datakeys %s=FILE to have migrate re-encrypt them under a new key on the target, or restore a backup into a clone and sync it", k.Label)
 			case k.Attrs.WrapWithTrusted:
 				block(ReasonWrapWithTrusted, "wrap-with-trusted: only a trusted key may wrap it and keymig's transport key is not trusted; migrate it by a clone and sync")
 			case len(k.ID) > 0 && byOwnerID[dst.User.Name+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)].Ref != 0:
@@ -189,8 +217,13 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 					block(ReasonUserMissing, "shared with %s, who does not exist on the target; create the user there (keymig hsm user create) and re-plan", strings.Join(missing, ", "))
 				}
 			}
+			if dk, ok := dataKeys[k.Label]; ok {
+				if err := classifyRotate(&it, k, dk, dst, users); err != nil {
+					return nil, err
+				}
+			}
 		}
-		if it.Action != Blocked {
+		if it.Action != Blocked && (it.Action != Rotate || it.TargetRef == 0) {
 			if free <= 0 {
 				block(ReasonCapacity, "the target cluster is full (%d of %d keys); delete keys there or raise its capacity, then re-plan", dst.Info.Keys, dst.Info.Policy.KeyCapacity)
 			} else {
@@ -219,6 +252,119 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 	p.Source.Inventory = InventoryDigest(selected)
 	p.Target.Inventory = TargetDigest(dst.Keys, p.Items)
 	return p, p.Seal()
+}
+
+// dataKeysByLabel indexes the --datakeys files by master label.
+func dataKeysByLabel(dks []DataKeys) (map[string]DataKeys, error) {
+	out := make(map[string]DataKeys, len(dks))
+	for _, dk := range dks {
+		if dk.Label == "" || dk.In == "" {
+			return nil, fmt.Errorf("--datakeys %s=%s: want LABEL=FILE, the master key's label and its data-key file", dk.Label, dk.In)
+		}
+		if prev, ok := out[dk.Label]; ok {
+			return nil, fmt.Errorf("--datakeys names label %q twice (%s and %s): give one data-key file per master key", dk.Label, prev.In, dk.In)
+		}
+		out[dk.Label] = dk
+	}
+	return out, nil
+}
+
+// checkDataKeyLabels makes sure each --datakeys label names exactly one
+// selected source key, of the kind a data-key file can belong to.
+func checkDataKeyLabels(dataKeys map[string]DataKeys, selected []hsm.KeyInfo, clones bool) error {
+	if len(dataKeys) == 0 {
+		return nil
+	}
+	if clones {
+		return errors.New("--datakeys: the clusters are clones, so every key is copied as it is, non-extractable ones included, and its data keys stay valid; drop --datakeys")
+	}
+	byLabel := map[string][]hsm.KeyInfo{}
+	for _, k := range selected {
+		if _, ok := dataKeys[k.Label]; ok {
+			byLabel[k.Label] = append(byLabel[k.Label], k)
+		}
+	}
+	for _, label := range sortedLabels(dataKeys) {
+		switch ks := byLabel[label]; len(ks) {
+		case 0:
+			return fmt.Errorf("--datakeys %s=%s: no selected source key is labelled %q; check the label (keymig hsm key list) and --filter", label, dataKeys[label].In, label)
+		case 1:
+			if k := ks[0]; k.Class != hsm.ClassSecret || k.Type != hsm.TypeAES {
+				return fmt.Errorf("--datakeys %s=%s: key %s labelled %q is an %s %s key; a master key of data keys is an AES secret key", label, dataKeys[label].In, k.Ref, label, k.Type, k.Class)
+			}
+		default:
+			refs := make([]string, len(ks))
+			for i, k := range ks {
+				refs[i] = k.Ref.String()
+			}
+			return fmt.Errorf("--datakeys %s=%s: %d selected source keys are labelled %q (%s); narrow --filter to the master key of these data keys", label, dataKeys[label].In, len(ks), label, strings.Join(refs, ", "))
+		}
+	}
+	return nil
+}
+
+func sortedLabels(m map[string]DataKeys) []string {
+	out := make([]string, 0, len(m))
+	for l := range m {
+		out = append(out, l)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// classifyRotate decides a key given data keys: rotated if it cannot
+// leave its HSM, blocked if its data keys cannot be rotated as they are.
+// A key that would transfer is an error: its data keys stay valid as they
+// are, and rotating them anyway is a separate decision (keymig rotate).
+func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst Inventory, users map[string]bool) error {
+	if it.Action == Transfer {
+		return fmt.Errorf("--datakeys %s=%s: key %s is transferred with its key material, so its data keys stay valid as they are; drop --datakeys for it (or rotate them on their own with keymig rotate)", dk.Label, dk.In, k.Ref)
+	}
+	switch it.ReasonCode {
+	case ReasonNotExtractable, ReasonWrapWithTrusted, ReasonNotOwner:
+	default:
+		return nil // blocked for a reason a new master would not cure
+	}
+	if dk.Out == "" {
+		dk.Out = dk.In + ".rotated"
+	}
+	why := map[string]string{
+		ReasonNotExtractable:  "not extractable",
+		ReasonWrapWithTrusted: "wrap-with-trusted",
+		ReasonNotOwner:        "owned by " + k.Owner + ", so the source user cannot wrap it",
+	}[it.ReasonCode]
+	it.Action, it.Method, it.ReasonCode, it.TargetRef, it.Rotation = Rotate, "", "", 0, &dk
+	it.Reason = fmt.Sprintf("cannot leave its HSM (%s): a new key with its label, id and attributes is made on the target and the %d data keys of %s are re-encrypted under it into %s", why, dk.Records, dk.In, dk.Out)
+	block := func(format string, args ...any) {
+		it.Action, it.ReasonCode, it.Reason = Blocked, ReasonDataKeys, fmt.Sprintf(format, args...)
+	}
+	switch {
+	case !k.Attrs.Unwrap:
+		block("its data keys cannot be unwrapped: the key has unwrap=false; its owner %s can set unwrap=true if it is modifiable, then re-plan", k.Owner)
+	case dk.Bad > 0:
+		block("%s has %d bad line(s) (first: %s); fix or remove them, then re-plan", dk.In, dk.Bad, dk.Problem)
+	case dk.Records == 0:
+		block("%s holds no data keys; check the file, or drop --datakeys and the key stays where it is", dk.In)
+	default:
+		if missing := missingUsers(k.SharedWith, users); len(missing) > 0 {
+			block("shared with %s, who does not exist on the target; create the user there (keymig hsm user create) and re-plan", strings.Join(missing, ", "))
+		}
+	}
+	if it.Action != Rotate {
+		return nil
+	}
+	// A new master made by an earlier run is taken up; any other key
+	// holding the id is a conflict.
+	for _, t := range dst.Keys {
+		switch {
+		case it.IsNewMaster(t, dst.User.Name):
+			it.TargetRef = t.Ref
+		case len(k.ID) > 0 && t.Owner == dst.User.Name && t.Class == k.Class && slices.Equal(t.ID, k.ID):
+			block("id %s is already used on the target by %s (label %q); keymig never overwrites a key", k.ID, t.Ref, t.Label)
+			return nil
+		}
+	}
+	return nil
 }
 
 func chooseTransport(items []Item, opts Options) Transport {

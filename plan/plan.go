@@ -33,6 +33,11 @@ const (
 	Sync     Action = "sync"     // masked copy between clones, handle kept
 	Skip     Action = "skip"     // already on the target with the same id and KCV
 	Blocked  Action = "blocked"  // cannot move; Reason says why and what to do
+	// Rotate is for a master key that cannot leave its HSM but whose data
+	// keys were given (--datakeys): a new key with its label, id and
+	// attributes is made on the target and every data key is re-encrypted
+	// under it inside the HSMs.
+	Rotate Action = "rotate"
 )
 
 // Method is how a transfer or sync moves a key.
@@ -59,6 +64,7 @@ const (
 	ReasonWrapWithTrusted = "wrap-with-trusted"
 	ReasonNoID            = "no-id"
 	ReasonUnsynced        = "not-synchronised"
+	ReasonDataKeys        = "datakeys" // a data-key file cannot be rotated as it is
 )
 
 // Options are the choices a user made when planning.
@@ -67,6 +73,22 @@ type Options struct {
 	Transport     string   `json:"transport"` // auto, rsa-aes, rsa-oaep, session-kek
 	Hash          string   `json:"hash"`
 	TransportBits int      `json:"transport-bits"`
+	// DataKeys are the data-key files given with --datakeys.
+	DataKeys []DataKeys `json:"datakeys,omitempty"`
+}
+
+// DataKeys is a data-key file given for a master key (--datakeys
+// LABEL=FILE), as read when planning. It holds counts and a digest, never
+// a ciphertext.
+type DataKeys struct {
+	Label   string `json:"master-label"`
+	In      string `json:"in"`
+	Out     string `json:"out"` // where migrate writes the rotated file
+	SHA256  string `json:"in-sha256"`
+	Records int64  `json:"records"`
+	Bad     int64  `json:"bad-lines"`
+	// Problem is the first bad line, with its number, when Bad > 0.
+	Problem string `json:"first-problem,omitempty"`
 }
 
 // Cluster records one side of the plan.
@@ -99,7 +121,8 @@ type Item struct {
 	Method     Method         `json:"method,omitempty"`
 	ReasonCode string         `json:"reason-code,omitempty"`
 	Reason     string         `json:"reason,omitempty"`
-	TargetRef  hsm.KeyRef     `json:"target-key-reference,omitempty"` // skip: the key already there
+	TargetRef  hsm.KeyRef     `json:"target-key-reference,omitempty"` // skip: the key already there; rotate: the new master, if made
+	Rotation   *DataKeys      `json:"rotation,omitempty"`             // rotate: the data keys to re-encrypt
 }
 
 // Key is the item's journal key: its source handle.
@@ -137,7 +160,7 @@ func (p *Plan) Counts() map[Action]int {
 // Work is the number of items that change the target.
 func (p *Plan) Work() int {
 	c := p.Counts()
-	return c[Transfer] + c[Sync]
+	return c[Transfer] + c[Sync] + c[Rotate]
 }
 
 // canonical is the plan's JSON with an empty digest: compact, fields in

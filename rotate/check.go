@@ -3,12 +3,15 @@ package rotate
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/keymig/keymig/hsm"
 )
 
 // checkOutput reads the input, the output and the rejects file side by
@@ -120,6 +123,14 @@ func checkOutput(inPath, outPath, rejPath string, to resolved, alg string, wantR
 	return nil
 }
 
+// CheckOutput checks a finished rotation run with --on-error stop and
+// each record's own alg: every record of the input at in is in the output
+// at out, in order, with only master, alg and ciphertext changed and the
+// master being to, and the output holds records records.
+func CheckOutput(in, out string, to hsm.KeyInfo, records int64) error {
+	return checkOutput(in, out, out+".rejects", resolved{KeyInfo: to}, "", records, 0)
+}
+
 func orAlg(alg, own string) string {
 	if alg == "" {
 		return own
@@ -127,34 +138,31 @@ func orAlg(alg, own string) string {
 	return alg
 }
 
-// DryRunReport is what a dry run found in a data-key file.
-type DryRunReport struct {
+// ScanReport is what a data-key file holds, as found by Scan.
+type ScanReport struct {
 	Lines    int64            `json:"lines"`
 	Records  int64            `json:"records"`
 	Blank    int64            `json:"blank"`
 	Bad      int64            `json:"bad"`
 	Algs     map[string]int64 `json:"algs"`
 	Problems []string         `json:"problems,omitempty"` // the first few bad lines
-	From     string           `json:"from"`
-	To       string           `json:"to"`
+	SHA256   string           `json:"sha256"`
 }
 
-// DryRun reads the data-key file and reports what rotate would do with
-// it — every bad line by number — without asking any HSM to do anything
-// but list keys.
-func DryRun(ctx context.Context, cfg Config) (DryRunReport, error) {
-	rep := DryRunReport{Algs: map[string]int64{}}
-	from, to, err := Masters(ctx, &cfg)
-	if err != nil {
-		return rep, err
-	}
-	rep.From, rep.To = from.String(), to.String()
-	f, err := os.Open(cfg.In)
+// Scan reads the data-key file at path once, as a stream, and reports its
+// records, its bad lines by number — malformed, an unknown alg, bad base64,
+// a master other than master — and its SHA-256. It asks no HSM anything,
+// so a ciphertext that does not unwrap is found only by a run.
+func Scan(path string, master hsm.KeyInfo) (ScanReport, error) {
+	rep := ScanReport{Algs: map[string]int64{}}
+	f, err := os.Open(path)
 	if err != nil {
 		return rep, fmt.Errorf("data-key file: %w", err)
 	}
 	defer f.Close()
-	err = eachLine(f, func(raw []byte, n int) error {
+	h := sha256.New()
+	want := resolved{KeyInfo: master}
+	err = eachLine(io.TeeReader(f, h), func(raw []byte, n int) error {
 		rep.Lines++
 		if isBlank(raw) {
 			rep.Blank++
@@ -162,7 +170,7 @@ func DryRun(ctx context.Context, cfg Config) (DryRunReport, error) {
 		}
 		r, err := ParseRecord(raw)
 		if err == nil {
-			err = matchMaster(r.Master, from)
+			err = matchMaster(r.Master, want)
 		}
 		if err != nil {
 			rep.Bad++
@@ -176,7 +184,27 @@ func DryRun(ctx context.Context, cfg Config) (DryRunReport, error) {
 		return nil
 	})
 	if err != nil {
-		return rep, fmt.Errorf("reading %s: %w", cfg.In, err)
+		return rep, fmt.Errorf("reading %s: %w", path, err)
 	}
+	rep.SHA256 = hex.EncodeToString(h.Sum(nil))
 	return rep, nil
+}
+
+// DryRunReport is what a dry run found in a data-key file.
+type DryRunReport struct {
+	ScanReport
+	From string `json:"from"`
+	To   string `json:"to"`
+}
+
+// DryRun reads the data-key file and reports what rotate would do with
+// it — every bad line by number — without asking any HSM to do anything
+// but list keys.
+func DryRun(ctx context.Context, cfg Config) (DryRunReport, error) {
+	from, to, err := Masters(ctx, &cfg)
+	if err != nil {
+		return DryRunReport{}, err
+	}
+	scan, err := Scan(cfg.In, from.KeyInfo)
+	return DryRunReport{ScanReport: scan, From: from.String(), To: to.String()}, err
 }

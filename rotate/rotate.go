@@ -77,6 +77,10 @@ type Config struct {
 	Progress runner.Progress
 	// Log receives warnings; may be nil.
 	Log *slog.Logger
+	// WantSHA256, if set, is the SHA-256 (hex) the input must have: the
+	// digest a migration plan recorded, so that the file rotated is the
+	// file planned.
+	WantSHA256 string
 }
 
 // Report is what a rotation did, for the summary and the journal.
@@ -250,6 +254,9 @@ func Run(ctx context.Context, j *journal.Journal, cfg Config) (Report, error) {
 	idx, err := indexInput(cfg.In, cfg.Batch)
 	if err != nil {
 		return Report{}, err
+	}
+	if cfg.WantSHA256 != "" && idx.SHA256 != cfg.WantSHA256 {
+		return Report{}, fmt.Errorf("data-key file %s: %w (its sha256 is %s, the plan recorded %s): run keymig plan again", cfg.In, ErrInputChanged, idx.SHA256[:12], cfg.WantSHA256[:min(12, len(cfg.WantSHA256))])
 	}
 	id := runID(idx, &cfg, from, to)
 	rep := Report{Run: id, In: cfg.In, Out: cfg.Out, From: from.String(), To: to.String(), Lines: idx.Lines, Batches: len(idx.Batches)}
@@ -446,6 +453,9 @@ func (jb *job) work(ctx context.Context, r *journal.Run, first int, rep *Report)
 	}
 	return nil
 }
+
+// ErrInputChanged reports an input whose SHA-256 is not Config.WantSHA256.
+var ErrInputChanged = errors.New("changed since it was planned")
 
 // errBehind fails a batch that waited for an earlier one that failed.
 var errBehind = errors.New("not written: an earlier batch failed")

@@ -1,0 +1,158 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/journal"
+	"github.com/keymig/keymig/plan"
+	"github.com/keymig/keymig/rotate"
+	"github.com/keymig/keymig/runner"
+)
+
+// Rotation is what the rotate items of a plan need: sessions (lanes) on
+// each cluster to re-encrypt data keys with, and how to show progress.
+type Rotation struct {
+	// Lanes opens the sessions of the re-encryption on each cluster. It is
+	// called once, by the first rotate item that runs, so a run with no
+	// rotation left logs in no more than it must; the caller closes them.
+	Lanes func(ctx context.Context) (src, dst rotate.Side, err error)
+	// Workers is the number of data keys in flight; default 64.
+	Workers int
+	// Progress makes the progress reporter of one rotation; may be nil.
+	Progress func(pi plan.Item) runner.Progress
+
+	once     sync.Once
+	src, dst rotate.Side
+	err      error
+}
+
+func (ro *Rotation) lanes(ctx context.Context) (src, dst rotate.Side, err error) {
+	ro.once.Do(func() { ro.src, ro.dst, ro.err = ro.Lanes(ctx) })
+	return ro.src, ro.dst, ro.err
+}
+
+// rotateItem makes the new master of a rotate item on the target (once,
+// like any key: acting is committed first and a retry looks for it) and
+// re-encrypts the item's data keys under it, a resumable rotation in the
+// same journal. The old master is never changed.
+func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Item, commit runner.Commit) (journal.Item, error) {
+	dk := pi.Rotation
+	if dk == nil {
+		return it, permanent(fmt.Errorf("key %s (label %q): planned for rotation without a data-key file: re-plan with --datakeys", pi.Ref, pi.Label))
+	}
+	ro := m.opts.Rotation
+	if ro == nil {
+		return it, permanent(fmt.Errorf("key %s (label %q): no sessions were opened for re-encrypting its data keys", pi.Ref, pi.Label))
+	}
+	master, err := m.findNewMaster(ctx, pi)
+	if err != nil {
+		return it, err
+	}
+	if master == nil {
+		if master, err = m.makeNewMaster(ctx, pi, it, commit); err != nil {
+			return it, err
+		}
+	} else if it.State != runner.StatePending || pi.TargetRef != 0 {
+		m.adopted.Add(1)
+		m.log.Info("taking up the new master found on the target", "key", pi.Ref, "label", pi.Label, "target", master.Ref)
+	}
+	for _, u := range pi.Shares {
+		if err := m.dst.ShareKey(ctx, master.Ref, u); err != nil {
+			return it, fmt.Errorf("key %s (label %q): sharing the new master %s with %s: %w", pi.Ref, pi.Label, master.Ref, u, err)
+		}
+	}
+	if err := m.waitCoverage(ctx, pi, master.Ref); err != nil {
+		return it, err
+	}
+
+	src, dst, err := ro.lanes(ctx)
+	if err != nil {
+		return it, fmt.Errorf("key %s (label %q): opening sessions to re-encrypt its data keys: %w", pi.Ref, pi.Label, err)
+	}
+	m.log.Info("re-encrypting data keys under the new master", "key", pi.Ref, "label", pi.Label, "new-master", master.Ref, "records", dk.Records, "in", dk.In, "out", dk.Out)
+	cfg := rotate.Config{
+		Source: src, Target: &dst,
+		From: hsm.Filter{Ref: pi.Ref}, To: hsm.Filter{Ref: master.Ref},
+		In: dk.In, Out: dk.Out, OnError: rotate.Stop, Workers: ro.Workers,
+		WantSHA256: dk.SHA256, Log: m.log,
+	}
+	if ro.Progress != nil {
+		cfg.Progress = ro.Progress(pi)
+	}
+	rep, err := rotate.Run(ctx, m.run.Journal(), cfg)
+	var rec *rotate.RecordError
+	switch {
+	case errors.As(err, &rec):
+		return it, permanent(fmt.Errorf("key %s (label %q): %w; fix the data-key file and re-plan", pi.Ref, pi.Label, err))
+	case errors.Is(err, rotate.ErrInputChanged):
+		return it, permanent(fmt.Errorf("key %s (label %q): %w", pi.Ref, pi.Label, err))
+	case err != nil:
+		return it, fmt.Errorf("key %s (label %q): re-encrypting its data keys: %w", pi.Ref, pi.Label, err)
+	case rep.Summary.Interrupted:
+		if err := context.Cause(ctx); err != nil {
+			return it, err
+		}
+		return it, fmt.Errorf("key %s (label %q): the re-encryption of %s was interrupted; it resumes on the next run", pi.Ref, pi.Label, dk.In)
+	case !rep.Finished:
+		return it, fmt.Errorf("key %s (label %q): the re-encryption of %s did not finish (%d batch(es) failed); it resumes on the next run", pi.Ref, pi.Label, dk.In, max(1, rep.Summary.Failed))
+	}
+	m.dataKeys.Add(rep.Rotated)
+	it.State = runner.StateDone
+	it.Result = fmt.Sprintf("%s; %d data keys re-encrypted into %s", master.Ref, rep.Rotated, dk.Out)
+	return it, nil
+}
+
+// findNewMaster looks on the target for the new master of a rotate item:
+// its label, id, class and type, owned by the target user, another check
+// value. More than one is an error a person must look at.
+func (m *Migration) findNewMaster(ctx context.Context, pi plan.Item) (*hsm.KeyInfo, error) {
+	f := hsm.Filter{Class: pi.Class}
+	if len(pi.ID) > 0 {
+		f.ID = pi.ID
+	} else {
+		label := pi.Label
+		f.Label = &label
+	}
+	keys, err := m.dst.ListKeys(ctx, f)
+	if err != nil {
+		return nil, fmt.Errorf("key %s (label %q): looking for its new master on the target: %w", pi.Ref, pi.Label, err)
+	}
+	me := m.dst.User().Name
+	var hits []hsm.KeyInfo
+	for _, k := range keys {
+		if pi.IsNewMaster(k, me) {
+			hits = append(hits, k)
+		}
+	}
+	switch len(hits) {
+	case 0:
+		return nil, nil
+	case 1:
+		return &hits[0], nil
+	}
+	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); delete the ones no data key was rotated under, then run migrate again",
+		pi.Ref, pi.Label, len(hits), refs(hits)))
+}
+
+// makeNewMaster generates the new master: the old key's label, id and
+// attributes, new key material.
+func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.Item, commit runner.Commit) (*hsm.KeyInfo, error) {
+	it.State = StateActing
+	if err := commit(it); err != nil {
+		return nil, err
+	}
+	k, err := m.dst.GenerateKey(ctx, hsm.KeySpec{Type: pi.Type, Bits: pi.Bits, Template: template(pi)})
+	if errors.Is(err, hsm.ErrExists) && it.Attempts > 1 {
+		// As in move: an earlier attempt's answer may have been lost.
+		return nil, hsm.Errorf(hsm.CodeUnavailable, "migrate", pi.Ref, "key %s (label %q): the target already holds a key with its id, probably the new master from an earlier attempt; looking for it again (%v)", pi.Ref, pi.Label, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("key %s (label %q): making the new master on the target: %w", pi.Ref, pi.Label, err)
+	}
+	m.log.Info("made the new master on the target", "key", pi.Ref, "label", pi.Label, "new-master", k.Ref, "kcv", k.KCV.String())
+	return &k, nil
+}
