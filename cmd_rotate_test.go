@@ -3,13 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -89,31 +87,12 @@ func TestRotateSurvivesKills(t *testing.T) {
 		runs++
 		cmd := exec.Command(bin, rotateArgs(out)...)
 		cmd.Env = append(os.Environ(), envPIN+"="+pin)
-		var buf bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &buf, &buf
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
 		// Kill within the first part of a run, so that most runs are cut.
 		window := max(300*time.Millisecond, full/time.Duration(2*(kills+1)))
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("rotate run %d failed before it was killed: %v\n%s", runs, err, buf.String())
-			}
+		if k, _ := runAndKill(t, fmt.Sprintf("rotate run %d", runs), cmd, 200*time.Millisecond+rand.N(window)); !k {
 			t.Fatalf("rotate run %d finished before it was killed after %d kills: give it more records", runs, killed)
-		case <-time.After(200*time.Millisecond + rand.N(window)):
-			cmd.Process.Signal(syscall.SIGKILL)
-			err := <-done
-			var ee *exec.ExitError
-			if errors.As(err, &ee) && !ee.Exited() {
-				killed++
-			} else if err != nil {
-				t.Fatalf("rotate run %d: %v\n%s", runs, err, buf.String())
-			}
 		}
+		killed++
 	}
 	t.Logf("%d records, %d runs, %d killed by SIGKILL", records, runs, killed)
 	if killed < kills {

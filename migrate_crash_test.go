@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -131,30 +130,10 @@ func TestMigrateSurvivesKills(t *testing.T) {
 	killed, runs, finished := 0, 0, false
 	for killed < kills && runs < 4*kills && !finished {
 		runs++
-		cmd := migrateCmd()
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("migrate run %d failed before it was killed: %v\n%s", runs, err, out.String())
-			}
-			// It finished: nothing left to kill.
-			finished = true
-		case <-time.After(time.Duration(300+rand.IntN(1300)) * time.Millisecond):
-			cmd.Process.Signal(syscall.SIGKILL)
-			err := <-done
-			var ee *exec.ExitError
-			if errors.As(err, &ee) && !ee.Exited() {
-				killed++
-			} else if err != nil {
-				t.Fatalf("migrate run %d: %v\n%s", runs, err, out.String())
-			}
+		if k, _ := runAndKill(t, fmt.Sprintf("migrate run %d", runs), migrateCmd(), time.Duration(300+rand.IntN(1300))*time.Millisecond); k {
+			killed++
+		} else {
+			finished = true // nothing left to kill
 		}
 	}
 	t.Logf("%d keys, %d runs, %d killed by SIGKILL", keys, runs, killed)

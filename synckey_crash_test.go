@@ -177,29 +177,10 @@ func TestSynckeySurvivesKills(t *testing.T) {
 	killed, runs, finished := 0, 0, false
 	for killed < kills && runs < 4*kills && !finished {
 		runs++
-		cmd := syncCmd()
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("synckey run %d failed before it was killed: %v\n%s", runs, err, out.String())
-			}
+		if k, _ := runAndKill(t, fmt.Sprintf("synckey run %d", runs), syncCmd(), startup*3/4+time.Duration(rand.IntN(600))*time.Millisecond); k {
+			killed++
+		} else {
 			finished = true
-		case <-time.After(startup*3/4 + time.Duration(rand.IntN(600))*time.Millisecond):
-			cmd.Process.Signal(syscall.SIGKILL)
-			err := <-done
-			var ee *exec.ExitError
-			if errors.As(err, &ee) && !ee.Exited() {
-				killed++
-			} else if err != nil {
-				t.Fatalf("synckey run %d: %v\n%s", runs, err, out.String())
-			}
 		}
 	}
 	t.Logf("%d keys, %d runs, %d killed by SIGKILL (start-up %s)", keys, runs, killed, startup.Round(time.Millisecond))
