@@ -186,11 +186,13 @@ func Masters(ctx context.Context, cfg *Config) (from, to resolved, err error) {
 }
 
 // runID names the run: the input's content and every parameter that
-// changes the output.
+// changes the output bytes of a batch. The bad-record policy is not one of
+// them, so a run stopped by a bad record resumes under --on-error skip
+// without redoing the batches before it (see checkPolicy).
 func runID(idx *inputIndex, cfg *Config, from, to resolved) string {
 	h := sha256.New()
-	fmt.Fprintf(h, "rotate v1\n%s\n%s %s %s\n%s %s %s\n%s\n%s\n%d\n", idx.SHA256,
-		from.cluster, from.Ref, from.KCV, to.cluster, to.Ref, to.KCV, cfg.Alg, cfg.OnError, cfg.Batch)
+	fmt.Fprintf(h, "rotate v2\n%s\n%s %s %s\n%s %s %s\n%s\n%d\n", idx.SHA256,
+		from.cluster, from.Ref, from.KCV, to.cluster, to.Ref, to.KCV, cfg.Alg, cfg.Batch)
 	return hex.EncodeToString(h.Sum(nil))[:32]
 }
 
@@ -329,6 +331,9 @@ func (jb *job) run(ctx context.Context, r *journal.Run, rep Report) (Report, err
 		return rep, err
 	}
 
+	if err := checkPolicy(cfg, done); err != nil {
+		return rep, err
+	}
 	// A previous attempt may already have renamed the output into place.
 	if _, err := os.Stat(partial(cfg.Out)); errors.Is(err, os.ErrNotExist) && rep.Resumed {
 		if _, err := os.Stat(cfg.Out); err == nil {
@@ -381,6 +386,26 @@ func (jb *job) run(ctx context.Context, r *journal.Run, rep Report) (Report, err
 		return rep, err
 	}
 	return jb.finish(r, rep, done, false)
+}
+
+// checkPolicy refuses to resume under --on-error stop a run whose done
+// batches rejected records under --on-error skip: its output would not be
+// what stop promises. Going from stop to skip is fine: the done batches
+// had no bad record.
+func checkPolicy(cfg *Config, done []*batchResult) error {
+	if cfg.OnError != Stop {
+		return nil
+	}
+	var rejected int64
+	for _, b := range done {
+		if b != nil {
+			rejected += int64(b.Rejected)
+		}
+	}
+	if rejected > 0 {
+		return fmt.Errorf("this run already rejected %d record(s) into %s under --on-error skip: resume it with --on-error skip, or start over with another --out", rejected, partial(cfg.Rejects))
+	}
+	return nil
 }
 
 // work runs the batches from first on with the runner.

@@ -271,3 +271,50 @@ func TestMasterChecks(t *testing.T) {
 		t.Fatalf("missing master: %v", err)
 	}
 }
+
+// TestOnErrorSwitch resumes a run under another --on-error: a run stopped
+// by a bad record goes on under skip without starting over, and a run that
+// already rejected records under skip is not resumed under stop.
+func TestOnErrorSwitch(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	_, ss := testCluster(t, filepath.Join(dir, "c"), 1, 2)
+	side := rotate.Side{Name: "c", Sessions: ss}
+	_, old := master(t, ss[0], "old")
+	_, nw := master(t, ss[0], "new")
+	in := filepath.Join(dir, "in.jsonl")
+	generate(t, side, old, 400, rotate.AlgKWP, in)
+	good, _ := os.ReadFile(in)
+	lines := strings.SplitAfter(string(good), "\n")
+	lines[250] = "{not json\n" // in the third batch of 100
+	os.WriteFile(in, []byte(strings.Join(lines, "")), 0o600)
+
+	out := filepath.Join(dir, "out.jsonl")
+	j := openJournal(t, out+".journal")
+	cfg := rotate.Config{Source: side, From: old, To: nw, In: in, Out: out, Batch: 100, Workers: 4}
+	first, err := rotate.Run(ctx, j, cfg)
+	var re *rotate.RecordError
+	if !errorsAs(err, &re) || re.Line != 251 {
+		t.Fatalf("stop: %v, want a record error at line 251", err)
+	}
+	cfg.OnError = rotate.Skip
+	rep, err := rotate.Run(ctx, j, cfg)
+	if err != nil || !rep.Finished || !rep.Resumed || rep.Run != first.Run || rep.Rejected != 1 || rep.Rotated != 399 {
+		t.Fatalf("resumed under skip: %+v %v", rep, err)
+	}
+
+	// Interrupted after rejecting under skip, then resumed under stop.
+	out2 := filepath.Join(dir, "out2.jsonl")
+	j2 := openJournal(t, out2+".journal")
+	cctx, cancel := context.WithCancel(ctx)
+	ca := &cancelAfter{cancel: cancel}
+	ca.left.Store(300)
+	cfg2 := rotate.Config{Source: side, From: old, To: nw, In: in, Out: out2, Batch: 100, Workers: 1, OnError: rotate.Skip, Progress: ca}
+	if rep, err := rotate.Run(cctx, j2, cfg2); err != nil || !rep.Summary.Interrupted {
+		t.Fatalf("interrupted run: %+v %v", rep, err)
+	}
+	cfg2.OnError, cfg2.Progress = rotate.Stop, nil
+	if _, err := rotate.Run(ctx, j2, cfg2); err == nil || !strings.Contains(err.Error(), "resume it with --on-error skip") {
+		t.Fatalf("resumed under stop after rejects: %v", err)
+	}
+}
