@@ -34,8 +34,10 @@
 //
 // A rotation is a runner job whose item is a batch of consecutive records
 // (Config.Batch, 1000 by default), so a file of millions of records commits
-// thousands of times. The run is keyed by the input's SHA-256 and the job's
-// parameters, so the same command resumes and a changed input starts anew.
+// thousands of times. The run is keyed by the input's SHA-256, the two
+// masters, the output alg and the batch size, so the same command resumes
+// and a changed input starts anew. The bad-record policy is not part of
+// the key: a run stopped by a bad record resumes under skip.
 //
 // Batches are worked on concurrently and written in order, by one writer,
 // to FILE.partial (and rejected records to REJECTS.partial). Each batch's
@@ -63,7 +65,15 @@
 // old master (label or KCV), or a ciphertext that does not unwrap under it
 // is a record error naming the line. OnError decides: stop the run at the
 // first one, or write {"line", "error", "raw"} to the rejects file and go
-// on. A record is never dropped silently.
+// on. A record is never dropped silently. Scan finds every such problem but
+// the last without asking an HSM anything; plan --datakeys uses it.
+//
+// # In a migration
+//
+// A migration plan's rotate item names a data-key file with its SHA-256
+// (Config.WantSHA256): migrate makes the new master on the target and runs
+// a rotation in the migration's own journal, so the file rotated is the
+// file planned and a killed migration resumes the rotation where it was.
 //
 // # Memory
 //
