@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/synckey"
 )
 
 // AutoSessionKEKThreshold is how many transfers make auto choose
@@ -102,6 +103,12 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 		return nil, err
 	}
 	clones := src.Info.Lineage != "" && src.Info.Lineage == dst.Info.Lineage
+	var cmp *synckey.Comparer
+	if clones {
+		cmp = synckey.NewComparer(
+			synckey.Side{Dir: src.Dir, Info: src.Info, User: src.User, Users: src.Users, Keys: src.Keys},
+			synckey.Side{Dir: dst.Dir, Info: dst.Info, User: dst.User, Users: dst.Users, Keys: dst.Keys})
+	}
 	if src.Info.ID != "" && src.Info.ID == dst.Info.ID {
 		return nil, fmt.Errorf("source and target are the same cluster (%s): nothing can move", src.Info.ID)
 	}
@@ -120,13 +127,11 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 	}
 	byIdentity := map[string]hsm.KeyInfo{}
 	byOwnerID := map[string]hsm.KeyInfo{}
-	byRef := map[hsm.KeyRef]hsm.KeyInfo{}
 	for _, k := range dst.Keys {
 		if strings.HasPrefix(k.Label, TransportLabelPrefix) {
 			continue
 		}
 		byIdentity[keyIdentity(k)] = k
-		byRef[k.Ref] = k
 		if len(k.ID) > 0 {
 			byOwnerID[k.Owner+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)] = k
 		}
@@ -159,14 +164,15 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 		}
 		switch {
 		case clones:
-			it.Action, it.Method = Sync, MethodMasked
-			if t, ok := byRef[k.Ref]; ok {
-				if slices.Equal(t.KCV, k.KCV) {
-					it.Action, it.Method, it.TargetRef = Skip, "", t.Ref
-					it.Reason = "already on the target clone with the same handle and KCV"
-				} else {
-					block(ReasonConflict, "handle %s holds a different key on the target (KCV %s there, %s here); keymig never overwrites a key — delete one side's copy if you are sure which is right", k.Ref, t.KCV, k.KCV)
-				}
+			// Between clones, plan and synckey judge a key by the same rules.
+			switch r := cmp.Key(k); r.Mark {
+			case synckey.MarkSame:
+				it.Action, it.TargetRef = Skip, k.Ref
+				it.Reason = "already on the target clone: same handle, check value, attributes and shares"
+			case synckey.MarkSource:
+				it.Action, it.Method = Sync, MethodMasked
+			default:
+				block(r.Reason, "%s", r.Detail)
 			}
 		default:
 			if t, ok := byIdentity[keyIdentity(k)]; ok {
@@ -193,15 +199,7 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 			p.Items = append(p.Items, it)
 			continue
 		}
-		if it.Action == Sync {
-			if c := k.Coverage; len(c.Missing) > 0 || len(c.Inconsistent) > 0 {
-				block(ReasonUnsynced, "not synchronised across the source cluster (%s); run keymig hsm sync on the source first", c)
-			} else if missing := missingUsers(append([]string{k.Owner}, k.SharedWith...), users); len(missing) > 0 {
-				block(ReasonUserMissing, "user %s does not exist on the target; create it there (keymig hsm user create) and re-plan", strings.Join(missing, ", "))
-			} else if dst.User.Role != hsm.RoleCryptoOfficer && dst.User.Name != k.Owner {
-				block(ReasonNotOwner, "owned by %s: only %s or a crypto officer can insert it on the target; log in to the target as one of them", k.Owner, k.Owner)
-			}
-		} else {
+		if it.Action != Sync {
 			switch {
 			case k.Owner != src.User.Name && k.Class != hsm.ClassPublic:
 				block(ReasonNotOwner, "owned by %s, shared with %s: only the owner can wrap it; plan again logged in as %s", k.Owner, src.User.Name, k.Owner)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/synckey"
 )
 
 var now = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
@@ -120,22 +121,31 @@ func TestBuildClonesSync(t *testing.T) {
 		aes(2, "b", "222", nil),
 		aes(3, "c", "333", func(k *hsm.KeyInfo) { k.Owner = "zoe" }),
 		aes(4, "d", "444", func(k *hsm.KeyInfo) { k.Coverage.Missing = []string{"h2"} }),
+		aes(5, "e", "555", nil), // same handle and KCV, shared on the target only
+		aes(6, "f", "666", nil), // the handle holds another key on the target
 	)
 	dst := inv(info("d", "L1"), "admin", hsm.RoleCryptoOfficer, []string{"admin", "alice"},
 		aes(2, "b", "222", nil),
+		aes(5, "e", "555", func(k *hsm.KeyInfo) { k.SharedWith = []string{"admin"} }),
+		aes(6, "f", "999", nil),
 	)
 	p, err := Build(src, dst, Options{}, now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := map[hsm.KeyRef]Action{}
+	got := map[hsm.KeyRef]Item{}
 	for _, it := range p.Items {
-		got[it.Ref] = it.Action
+		got[it.Ref] = it
 	}
-	want := map[hsm.KeyRef]Action{1: Sync, 2: Skip, 3: Blocked, 4: Blocked}
-	for ref, a := range want {
-		if got[ref] != a {
-			t.Errorf("key %s: %s, want %s", ref, got[ref], a)
+	// The same rules as keymig synckey: a key that differs is never skipped.
+	want := map[hsm.KeyRef]struct {
+		action Action
+		code   string
+	}{1: {Sync, ""}, 2: {Skip, ""}, 3: {Blocked, ReasonUserMissing}, 4: {Blocked, ReasonUnsynced},
+		5: {Blocked, synckey.ReasonDiffers}, 6: {Blocked, synckey.ReasonOtherKey}}
+	for ref, w := range want {
+		if it := got[ref]; it.Action != w.action || it.ReasonCode != w.code {
+			t.Errorf("key %s: %s/%s (%s), want %s/%s", ref, it.Action, it.ReasonCode, it.Reason, w.action, w.code)
 		}
 	}
 }
