@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -13,7 +12,7 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
-	bolt "go.etcd.io/bbolt"
+	"github.com/keymig/keymig/hsm/node"
 )
 
 // testOfficer is the first crypto officer of every test cluster.
@@ -90,34 +89,24 @@ func TestHSMAuditVerifyDetectsTampering(t *testing.T) {
 
 	victim := hsmIDsOf(t, co.Dir)[1]
 	const seq = 3
-	db, err := bolt.Open(filepath.Join(co.Dir, victim+".db"), 0o600, &bolt.Options{Timeout: time.Second})
+	// The audit log is a file beside the HSM's bbolt file, one record per
+	// line: hex hash, space, JSON. Change one byte of the user name.
+	path := node.AuditPath(filepath.Join(co.Dir, victim+".db"))
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket([]byte("audit"))
-		if b == nil {
-			t.Fatal("no audit bucket in the HSM file")
-		}
-		var k [8]byte
-		binary.BigEndian.PutUint64(k[:], seq)
-		v := b.Get(k[:])
-		if v == nil {
-			t.Fatalf("no audit record %d", seq)
-		}
-		v = bytes.Clone(v)
-		// Value: 32-byte hash ‖ JSON. Change one byte of the user name.
-		i := bytes.Index(v, []byte(`"user":"`))
-		if i < 0 {
-			t.Fatalf("audit record %d has no user: %q", seq, v)
-		}
-		v[i+len(`"user":"`)] ^= 0x01
-		return b.Put(k[:], v)
-	})
-	if cerr := db.Close(); err == nil {
-		err = cerr
+	lines := bytes.SplitAfter(b, []byte("\n"))
+	if len(lines) <= seq {
+		t.Fatalf("no audit record %d in %s", seq, path)
 	}
-	if err != nil {
+	v := lines[seq-1]
+	i := bytes.Index(v, []byte(`"user":"`))
+	if i < 0 {
+		t.Fatalf("audit record %d has no user: %q", seq, v)
+	}
+	v[i+len(`"user":"`)] ^= 0x01
+	if err := os.WriteFile(path, bytes.Join(lines, nil), 0o600); err != nil {
 		t.Fatal(err)
 	}
 

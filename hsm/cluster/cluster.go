@@ -81,7 +81,8 @@ func (cfg *config) clone() config {
 	return c
 }
 
-// hsmPath is the bbolt file of HSM id in dir.
+// hsmPath is the bbolt file of HSM id in dir; its audit log is
+// node.AuditPath of it.
 func hsmPath(dir, id string) string { return filepath.Join(dir, id+".db") }
 
 // InitOptions describe a new cluster.
@@ -252,6 +253,7 @@ func create(ctx context.Context, dir string, cfg config, secret []byte, kdf int,
 			c.Close()
 			for _, h := range cfg.HSMs {
 				os.Remove(hsmPath(dir, h.ID))
+				os.Remove(node.AuditPath(hsmPath(dir, h.ID)))
 			}
 		}
 	}()

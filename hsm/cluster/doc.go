@@ -9,8 +9,9 @@
 // A cluster is a directory: cluster.json (cluster id, region, lineage id,
 // HSMs with their availability zones, policy, creation time, the backup
 // index and keys deleted while an HSM was away), one bbolt file per HSM
-// (hsm-XXXXXXXXXXX.db), faults.json (injected faults, so that the next
-// process sees them) and backups/. Files are replaced atomically (temporary
+// (hsm-XXXXXXXXXXX.db) with its audit log beside it (.db.audit),
+// faults.json (injected faults, so that the next process sees them) and
+// backups/. Files are replaced atomically (temporary
 // file, fsync, rename, fsync of the directory). Open takes an exclusive
 // flock on DIR/.lock and writes who holds it (pid, host, command, time)
 // into it; a second Open, from this process or another, waits up to

@@ -2,11 +2,14 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"slices"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/hsm/node"
 )
 
 // AddHSM adds an HSM in availability zone az (default: the zone with the
@@ -42,6 +45,7 @@ func (c *Cluster) AddHSM(ctx context.Context, az string) (hsm.HSMInfo, error) {
 	if err := m.RestoreSnapshot(ctx, snap); err != nil {
 		m.Close()
 		os.Remove(hsmPath(c.dir, h.ID))
+		os.Remove(node.AuditPath(hsmPath(c.dir, h.ID)))
 		return hsm.HSMInfo{}, fmt.Errorf("add HSM %s: restore backup %s: %w", h.ID, info.ID, err)
 	}
 	c.mu.Lock()
@@ -58,7 +62,7 @@ func (c *Cluster) AddHSM(ctx context.Context, az string) (hsm.HSMInfo, error) {
 }
 
 // RemoveHSM takes a backup, then removes HSM id from the cluster and
-// deletes its file. The last HSM cannot be removed.
+// deletes its files. The last HSM cannot be removed.
 func (c *Cluster) RemoveHSM(ctx context.Context, id string) error {
 	c.adminMu.Lock()
 	defer c.adminMu.Unlock()
@@ -87,6 +91,9 @@ func (c *Cluster) RemoveHSM(ctx context.Context, id string) error {
 		return fmt.Errorf("remove HSM %s: %w", id, err)
 	}
 	if err := os.Remove(hsmPath(c.dir, id)); err != nil {
+		return fmt.Errorf("remove HSM %s: %w", id, err)
+	}
+	if err := os.Remove(node.AuditPath(hsmPath(c.dir, id))); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove HSM %s: %w", id, err)
 	}
 	if fs, err := Faults(c.dir); err == nil {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -11,7 +13,6 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/node"
-	bolt "go.etcd.io/bbolt"
 )
 
 func login(t testing.TB, n *node.Node, c hsm.Credentials) hsm.Session {
@@ -160,93 +161,237 @@ func TestAuditContents(t *testing.T) {
 	}
 }
 
-// auditBytes returns every stored audit value concatenated (reads the file
-// through a second handle after closing the node's).
+// auditBytes returns the audit file (read after closing the node, which
+// writes every buffered record).
 func auditBytes(t *testing.T, n *node.Node) []byte {
 	t.Helper()
-	path := n.Path()
 	n.Close()
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true})
+	b, err := os.ReadFile(node.AuditPath(n.Path()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
-	var out []byte
-	db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket([]byte("audit")).ForEach(func(k, v []byte) error { out = append(out, v...); return nil })
-	})
-	return out
+	return b
 }
 
+// auditLines splits an audit file into its lines, each with its '\n'; the
+// last element is empty.
+func auditLines(b []byte) [][]byte { return bytes.SplitAfter(b, []byte("\n")) }
+
 func TestAuditTamper(t *testing.T) {
+	// Each tamper gets the file's lines and returns them altered. Line i-1
+	// holds record i.
 	cases := []struct {
 		name   string
-		tamper func(b *bolt.Bucket) error
+		tamper func(t *testing.T, lines [][]byte) [][]byte
 		want   string
+		later  string // after new records, if not want
 	}{
-		{"altered", func(b *bolt.Bucket) error {
-			v := bytes.Clone(b.Get(seq(3)))
+		{"altered", func(t *testing.T, lines [][]byte) [][]byte {
+			v := bytes.Clone(lines[2])
 			v = bytes.Replace(v, []byte(`"admin"`), []byte(`"eve00"`), 1)
 			v = bytes.Replace(v, []byte(`"alice"`), []byte(`"eve00"`), 1)
-			return b.Put(seq(3), v)
-		}, "audit record 3: its contents do not match its hash"},
-		{"removed", func(b *bolt.Bucket) error { return b.Delete(seq(3)) }, "audit record 3: is missing"},
-		{"removed-last", func(b *bolt.Bucket) error {
-			k, _ := b.Cursor().Last()
-			return b.Delete(k)
-		}, "records were removed from the end"},
-		{"reordered", func(b *bolt.Bucket) error {
-			v3, v4 := bytes.Clone(b.Get(seq(3))), bytes.Clone(b.Get(seq(4)))
-			if err := b.Put(seq(3), v4); err != nil {
-				return err
+			if bytes.Equal(v, lines[2]) {
+				t.Fatalf("record 3 has no user to alter: %s", v)
 			}
-			return b.Put(seq(4), v3)
-		}, "audit record 3: holds record 4: records were reordered"},
+			lines[2] = v
+			return lines
+		}, "audit record 3: its contents do not match its hash", ""},
+		{"altered-json", func(t *testing.T, lines [][]byte) [][]byte {
+			lines[2] = bytes.Replace(lines[2], []byte(`{"seq"`), []byte(`["seq"`), 1)
+			return lines
+		}, "audit record 3: is not valid json: it was altered", ""},
+		{"removed", func(t *testing.T, lines [][]byte) [][]byte {
+			return slices.Delete(lines, 2, 3)
+		}, "audit record 3: is missing (record 4 follows record 2): records were removed", ""},
+		{"removed-last", func(t *testing.T, lines [][]byte) [][]byte {
+			return slices.Delete(lines, len(lines)-3, len(lines)-1) // the last two records
+		}, "records were removed from the end", "is missing (record"}, // the new records follow the head: a gap
+		{"reordered", func(t *testing.T, lines [][]byte) [][]byte {
+			lines[2], lines[3] = lines[3], lines[2]
+			return lines
+		}, "audit record 3: holds record 4: records were reordered", ""},
+		{"truncated-record", func(t *testing.T, lines [][]byte) [][]byte {
+			lines[2] = []byte("0123\n")
+			return lines
+		}, "audit record 3: is truncated", ""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			ctx := context.Background()
 			n, s := withAlice(t, node.Options{})
 			for i := 0; i < 3; i++ {
-				s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128})
+				if _, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128}); err != nil {
+					t.Fatal(err)
+				}
 			}
-			if _, err := n.VerifyAudit(); err != nil {
+			total, err := n.VerifyAudit()
+			if err != nil {
 				t.Fatal(err)
 			}
 			path := n.Path()
-			n.Close()
-			db, err := bolt.Open(path, 0o600, nil)
-			if err != nil {
+			lines := auditLines(auditBytes(t, n))
+			if len(lines) != total+1 || len(lines[total]) != 0 {
+				t.Fatalf("%d records in %d lines", total, len(lines))
+			}
+			if err := os.WriteFile(node.AuditPath(path), bytes.Join(c.tamper(t, lines), nil), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			if err := db.Update(func(tx *bolt.Tx) error { return c.tamper(tx.Bucket([]byte("audit"))) }); err != nil {
+			var cur *node.Node
+			check := func(when, want string) {
+				t.Helper()
+				_, err := cur.VerifyAudit()
+				if err == nil {
+					t.Fatalf("%s: VerifyAudit found nothing wrong", when)
+				}
+				var ae *node.AuditError
+				if !errors.As(err, &ae) || !strings.Contains(err.Error(), want) {
+					t.Errorf("%s: VerifyAudit: %v; want an *AuditError containing %q", when, err, want)
+				}
+			}
+			reopen := func() {
+				t.Helper()
+				var err error
+				if cur, err = node.Open(path, node.OpenOptions{KDFIterations: testKDF}); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { cur.Close() })
+			}
+			reopen()
+			check("after reopen", c.want)
+			later := c.want
+			if c.later != "" {
+				later = c.later
+			}
+			// New records neither hide the damage nor move the head back.
+			s2 := login(t, cur, alice)
+			if _, err := s2.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128}); err != nil {
 				t.Fatal(err)
 			}
-			db.Close()
-			n2, err := node.Open(path, node.OpenOptions{KDFIterations: testKDF})
-			if err != nil {
+			check("after more records", later)
+			if err := cur.Close(); err != nil {
 				t.Fatal(err)
 			}
-			defer n2.Close()
-			_, err = n2.VerifyAudit()
-			if err == nil {
-				t.Fatal("VerifyAudit found nothing wrong")
-			}
-			var ae *node.AuditError
-			if !errors.As(err, &ae) || !strings.Contains(err.Error(), c.want) {
-				t.Errorf("VerifyAudit: %v; want an *AuditError containing %q", err, c.want)
-			}
+			reopen()
+			check("after another reopen", later)
 		})
 	}
 }
 
-func seq(i uint64) []byte {
-	b := make([]byte, 8)
-	for j := 7; j >= 0; j-- {
-		b[j] = byte(i)
-		i >>= 8
+// TestAuditTornLine appends half a record to the file of a closed node, as
+// a power cut in the middle of a write leaves it: Open cuts it, the chain is
+// intact, and it goes on.
+func TestAuditTornLine(t *testing.T) {
+	ctx := context.Background()
+	n, s := withAlice(t, node.Options{})
+	if _, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128}); err != nil {
+		t.Fatal(err)
 	}
-	return b
+	before, err := n.VerifyAudit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := n.Path()
+	clean := auditBytes(t, n)
+	torn := append(bytes.Clone(clean), `9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 {"seq":99,"time":"2026-01-`...)
+	if err := os.WriteFile(node.AuditPath(path), torn, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n2, err := node.Open(path, node.OpenOptions{KDFIterations: testKDF})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n2.Close()
+	if got, _ := os.ReadFile(node.AuditPath(path)); !bytes.Equal(got, clean) {
+		t.Errorf("Open did not cut the torn line: %q", got[min(len(got), len(clean)):])
+	}
+	if got, err := n2.VerifyAudit(); err != nil || got != before {
+		t.Fatalf("after cutting the torn line: %d records (want %d), %v", got, before, err)
+	}
+	login(t, n2, alice)
+	if got, err := n2.VerifyAudit(); err != nil || got != before+1 {
+		t.Fatalf("one more record: %d records (want %d), %v", got, before+1, err)
+	}
+}
+
+// TestAuditConcurrent runs operations that change nothing (their records
+// are not waited for) and state changes (waited for) from 32 goroutines,
+// then checks that every one of them is in the chain, before and after a
+// reopen.
+func TestAuditConcurrent(t *testing.T) {
+	ctx := context.Background()
+	n, s := withAlice(t, node.Options{KeyCapacity: 10000, MaxConcurrentOps: 1000})
+	kek, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Session: true,
+		Attrs: map[hsm.Attr]bool{hsm.AttrWrap: true, hsm.AttrEncrypt: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Session: true,
+		Attrs: map[hsm.Attr]bool{hsm.AttrExtractable: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := n.VerifyAudit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const goroutines, each = 32, 40 // each a multiple of 5
+	var wg sync.WaitGroup
+	for g := 0; g < goroutines; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				var err error
+				switch i % 5 {
+				case 0: // a state change: a token key
+					_, err = s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128})
+				case 1:
+					_, err = s.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: kek.Ref, Payload: payload.Ref})
+				case 2:
+					_, err = s.Encrypt(ctx, kek.Ref, hsm.MechAESGCM, hsm.Params{}, []byte("audit me"))
+				case 3: // a session object made and destroyed: two records
+					var k hsm.KeyInfo
+					if k, err = s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128, Template: hsm.Template{Session: true}}); err == nil {
+						err = s.DeleteKey(ctx, k.Ref)
+					}
+				case 4: // refused, and recorded all the same
+					_, err = s.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: payload.Ref, Payload: kek.Ref})
+					if hsm.CodeOf(err) == "" {
+						t.Errorf("wrap with a key that may not wrap: %v", err)
+					}
+					err = nil
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	want := base + goroutines*(each+each/5) // case 3 makes two records
+	if got, err := n.VerifyAudit(); err != nil || got != want {
+		t.Fatalf("VerifyAudit: %d records (want %d), %v", got, want, err)
+	}
+	path := n.Path()
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	n2, err := node.Open(path, node.OpenOptions{KDFIterations: testKDF})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n2.Close()
+	if got, err := n2.VerifyAudit(); err != nil || got != want {
+		t.Fatalf("after reopen: %d records (want %d), %v", got, want, err)
+	}
+	ops := map[string]int{}
+	if err := n2.Audit(func(r node.AuditRecord) error { ops[r.Op+" "+r.Outcome]++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if ops["wrap ok"] != goroutines*each/5 || ops["encrypt ok"] != goroutines*each/5 {
+		t.Errorf("records by op and outcome: %v", ops)
+	}
 }
 
 func TestFaults(t *testing.T) {

@@ -9,7 +9,8 @@
 // # Storage
 //
 // Each node is one bbolt file holding its options, users (PBKDF2-SHA256
-// password hashes), token keys, an index of key ids, and the audit log.
+// password hashes), token keys and an index of key ids, and an append-only
+// audit file beside it (AuditPath: the bbolt file's name + ".audit").
 // Key material at rest is sealed with AES-256-GCM under a per-file storage
 // key, and the lineage secret (from which the masking key is derived with
 // HKDF-SHA256) is sealed the same way. Both of those keys are stored in the
@@ -25,13 +26,21 @@
 // in memory (decrypted; parsed RSA keys and expanded AES ciphers are cached
 // per key), so cryptographic operations read no disk and take only a read
 // lock on the key map, and only for as long as a map lookup takes. Crypto
-// runs outside every lock. Writes — and the audit records of operations that
-// change nothing — go through bbolt's DB.Batch so that concurrent operations
-// share one fsync; the functions given to Batch may run more than once, so
-// they decide everything (handles, policy checks, counters) from the
-// transaction they run in and only touch memory once the transaction has
-// committed. Each write carries a revision number so that in-memory updates
-// that arrive out of order are applied in commit order.
+// runs outside every lock. Writes go through bbolt's DB.Batch so that
+// concurrent writes share one fsync; the functions given to Batch may run
+// more than once, so they decide everything (handles, policy checks,
+// counters) from the transaction they run in and only touch memory once the
+// transaction has committed. Each write carries a revision number so that
+// in-memory updates that arrive out of order are applied in commit order.
+//
+// Audit records are appended to an in-memory buffer under one short lock
+// (sequence number, JSON, SHA-256); a single flusher goroutine writes the
+// whole buffer with one write and one fdatasync, at once again while more
+// is buffered, so a busy node syncs its audit file back to back and an
+// idle one not at all. Operations that change nothing (wrap, encrypt,
+// sign, session objects, logout, refusals outside a transaction) do not
+// wait for the disk; writes wait until their record is synced. Appenders
+// wait only when 4 MiB are buffered.
 //
 // At most MaxConcurrentOps operations run at once; past that an operation
 // fails at once with hsm.CodeThrottled (the cluster client retries, this
@@ -43,8 +52,28 @@
 //
 // Every operation, allowed or refused, appends a record (time, sequence
 // number, user, opcode, handles, outcome; never key material or passwords)
-// to a SHA-256 hash chain in the same transaction as the change it records.
-// VerifyAudit walks the chain and names the first altered, missing or
-// reordered record. The chain is unkeyed: it detects edits, not an attacker
-// who recomputes every hash.
+// to a SHA-256 hash chain in the audit file: one line per record, the hex
+// hash, a space and the record's JSON, where the hash is SHA-256 of the
+// previous record's hash ‖ the JSON. The log's head (last sequence number
+// and hash) is kept in the bbolt file too, so that records cut off the end
+// are detected; the flusher updates it at most every 50 ms and at Close, so
+// it may lag the file, never lead it. VerifyAudit walks the chain and names
+// the first altered, missing or reordered record. The chain is unkeyed: it
+// detects edits, not an attacker who recomputes every hash.
+//
+// Durability: a write's state change commits first, then its record is
+// appended, and the write returns once the record is synced. A process
+// killed between the commit and that sync loses that one record (its
+// change is kept). Records of operations that changed nothing have been
+// answered before they are synced: a crash loses those not yet on disk,
+// the flush in progress and what is buffered behind it (normally a few
+// milliseconds of work, at most 4 MiB of records); the head's last update
+// may be lost too. Either way the chain stays intact: whole lines are written,
+// and Open cuts a torn last line (power lost in the middle of a write) and
+// continues the chain from the file's last line, read from its tail only.
+// If the file holds fewer records than the head (cut or deleted), new
+// records continue after the head, so the gap stays visible. A failed
+// write or sync fails the log: every later operation returns the storage
+// error until the HSM is opened again. Files from before the audit log had
+// its own file have their records moved to it at Open.
 package node

@@ -112,6 +112,13 @@ func getRecord(tx *bolt.Tx, ref hsm.KeyRef) (*keyRecord, error) {
 	return &rec, nil
 }
 
+// seqKey encodes s big-endian in 8 bytes (counters in meta).
+func seqKey(s uint64) []byte {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], s)
+	return b[:]
+}
+
 // nextRev increments the file's revision counter inside tx.
 func nextRev(tx *bolt.Tx) (uint64, error) {
 	meta := tx.Bucket(bktMeta)

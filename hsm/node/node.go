@@ -12,6 +12,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,10 +72,13 @@ type persisted struct {
 	Created          time.Time `json:"created"`
 }
 
-// Node is one HSM backed by one bbolt file. It implements hsm.Backend.
+// Node is one HSM backed by a bbolt file and an audit file beside it. It
+// implements hsm.Backend.
 type Node struct {
 	db      *bolt.DB
 	path    string
+	log     *auditLog
+	writing sync.RWMutex // held shared by write from its commit to its audit record; Close takes it
 	opt     persisted
 	kdfIter int
 	now     func() time.Time
@@ -107,7 +111,7 @@ var (
 	bktUsers = []byte("users")
 	bktKeys  = []byte("keys")
 	bktIDs   = []byte("ids")
-	bktAudit = []byte("audit")
+	bktAudit = []byte("audit") // only in files written before the audit log had its own file
 
 	metaOptions    = []byte("options")
 	metaStorageKey = []byte("storage-key")
@@ -117,7 +121,8 @@ var (
 	metaAuditHead  = []byte("audit-head")
 )
 
-// Create makes a new HSM in a new file at path; it fails if the file exists.
+// Create makes a new HSM in a new file at path, and its audit log at
+// AuditPath(path); it fails if either file exists.
 func Create(path string, o Options) (*Node, error) {
 	if o.ID == "" {
 		return nil, hsm.Errorf(hsm.CodeInvalidInput, "create", 0, "an hsm needs an id (e.g. hsm-1a2b3c)")
@@ -147,8 +152,14 @@ func Create(path string, o Options) (*Node, error) {
 	}
 	f.Close()
 	os.Remove(path) // bbolt initialises only an empty or absent file; we just made it empty
+	af, err := os.OpenFile(AuditPath(path), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create hsm %s: audit log: %w; a leftover of a deleted hsm? move it away", o.ID, err)
+	}
+	af.Close()
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
+		os.Remove(AuditPath(path))
 		return nil, fmt.Errorf("create hsm %s: %w", o.ID, err)
 	}
 	now := o.Now
@@ -161,7 +172,7 @@ func Create(path string, o Options) (*Node, error) {
 	rand.Read(storageKey)
 	storage, _ := newGCM(storageKey)
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bktMeta, bktUsers, bktKeys, bktIDs, bktAudit} {
+		for _, b := range [][]byte{bktMeta, bktUsers, bktKeys, bktIDs} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -176,9 +187,13 @@ func Create(path string, o Options) (*Node, error) {
 		}
 		return meta.Put(metaLineage, seal(storage, o.LineageSecret, metaLineage))
 	})
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
 	if err != nil {
 		db.Close()
 		os.Remove(path)
+		os.Remove(AuditPath(path))
 		return nil, fmt.Errorf("create hsm %s: %w", o.ID, err)
 	}
 	db.Close()
@@ -186,7 +201,8 @@ func Create(path string, o Options) (*Node, error) {
 }
 
 // Open opens the HSM stored at path, restoring its options, users, token
-// keys and audit log.
+// keys and audit log (AuditPath(path)). It cuts a torn last audit record,
+// left by a crash in the middle of a write.
 func Open(path string, o OpenOptions) (*Node, error) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, fmt.Errorf("open hsm file %s: %w", path, err)
@@ -213,13 +229,18 @@ func Open(path string, o OpenOptions) (*Node, error) {
 		db.Close()
 		return nil, fmt.Errorf("open hsm file %s: %w", path, err)
 	}
+	// Only now, with bbolt's file lock held, so that it is exclusive too.
+	if n.log, err = openAuditLog(db, AuditPath(path)); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open hsm file %s: %w", path, err)
+	}
 	return n, nil
 }
 
 func (n *Node) load() error {
 	return n.db.View(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bktMeta)
-		for _, b := range [][]byte{bktMeta, bktUsers, bktKeys, bktIDs, bktAudit} {
+		for _, b := range [][]byte{bktMeta, bktUsers, bktKeys, bktIDs} {
 			if tx.Bucket(b) == nil {
 				return fmt.Errorf("not an hsm file: bucket %q is missing", b)
 			}
@@ -280,8 +301,8 @@ func (n *Node) policy() hsm.Policy { return *n.pol.Load() }
 
 func (n *Node) setPolicy(p hsm.Policy) { n.pol.Store(&p) }
 
-// Close ends every session, drops session keys and closes the file.
-// It is idempotent.
+// Close ends every session, drops session keys, writes and syncs the
+// buffered audit records and closes the files. It is idempotent.
 func (n *Node) Close() error {
 	if n.closed.Swap(true) {
 		return nil
@@ -294,7 +315,12 @@ func (n *Node) Close() error {
 	}
 	n.sessions = map[uint64]*session{}
 	n.mu.Unlock()
-	return n.db.Close()
+	// Wait for writes that committed but have not appended their record;
+	// later ones see closed.
+	n.writing.Lock()
+	n.writing.Unlock()
+	lerr := n.log.close()
+	return errors.Join(lerr, n.db.Close())
 }
 
 // SetFault replaces the node's injected faults; the zero Fault clears them.

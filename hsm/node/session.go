@@ -482,7 +482,7 @@ func (s *session) change(ctx context.Context, op, target string, ref hsm.KeyRef,
 		}
 		n.mu.Unlock()
 		rec.Outcome = outcome(err)
-		if werr := n.write(ctx, rec, nil); werr != nil {
+		if werr := n.record(rec); werr != nil {
 			return werr
 		}
 		return err
