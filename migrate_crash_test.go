@@ -122,21 +122,31 @@ func TestMigrateSurvivesKills(t *testing.T) {
 		t.Fatalf("plan exit %d: %s", code, stderr.String())
 	}
 
-	migrateCmd := func() *exec.Cmd {
-		cmd := exec.Command(bin, "migrate", "--plan", planPath, "--workers", "8", "--no-progress")
+	// Few workers: the job is about surviving kills, and a slow one is cut
+	// many times.
+	migrateCmd := func(extra ...string) *exec.Cmd {
+		cmd := exec.Command(bin, append([]string{"migrate", "--plan", planPath, "--workers", "4", "--no-progress"}, extra...)...)
 		cmd.Env = append(os.Environ(), envSourcePIN+"="+pin, envTargetPIN+"="+pin)
 		return cmd
 	}
+	// A dry run takes about as long as a run takes to start moving keys:
+	// kill from a little before that moment on, so most kills land mid-job
+	// however fast this machine is.
+	start := time.Now()
+	if out, err := migrateCmd("--dry-run").CombinedOutput(); exitStatus(err) != exitPending {
+		t.Fatalf("migrate --dry-run: %v, want exit %d\n%s", err, exitPending, lastLines(string(out), 5))
+	}
+	startup := time.Since(start)
 	killed, runs, finished := 0, 0, false
 	for killed < kills && runs < 4*kills && !finished {
 		runs++
-		if k, _ := runAndKill(t, fmt.Sprintf("migrate run %d", runs), migrateCmd(), time.Duration(300+rand.IntN(1300))*time.Millisecond); k {
+		if k, _ := runAndKill(t, fmt.Sprintf("migrate run %d", runs), migrateCmd(), startup*3/4+time.Duration(rand.IntN(500))*time.Millisecond); k {
 			killed++
 		} else {
 			finished = true // nothing left to kill
 		}
 	}
-	t.Logf("%d keys, %d runs, %d killed by SIGKILL", keys, runs, killed)
+	t.Logf("%d keys, %d runs, %d killed by SIGKILL (start-up %s)", keys, runs, killed, startup.Round(time.Millisecond))
 	if killed < kills && !testing.Short() {
 		t.Errorf("the job finished after %d kills, before the %d wanted: make each run slower or the kills sooner", killed, kills)
 	}
