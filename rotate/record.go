@@ -175,25 +175,58 @@ func checkLength(alg string, n int) error {
 	return nil
 }
 
+// parseMaster reads the master object. val is part of a line json.Valid
+// accepted, so it is walked with the parser rather than unmarshalled: this
+// runs for every record.
 func parseMaster(val []byte) (Master, error) {
-	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(val, &raw); err != nil || raw == nil {
-		return Master{}, errors.New(`"master" must be an object {"label": "...", "kcv": "..."}`)
+	errShape := errors.New(`"master" must be an object {"label": "...", "kcv": "..."}`)
+	p := parser{b: val}
+	if !p.eat('{') {
+		return Master{}, errShape
 	}
-	var m Master
-	if v, ok := raw["label"]; ok {
-		if err := json.Unmarshal(v, &m.Label); err != nil {
-			return Master{}, errors.New(`"master.label" must be a string`)
+	var (
+		m        Master
+		haveKCV  bool
+		kcvToken []byte
+	)
+	p.space()
+	if !p.eat('}') {
+		for {
+			p.space()
+			kStart := p.i
+			p.skipString()
+			key, err := jsonString(val[kStart:p.i])
+			if err != nil {
+				return Master{}, errShape
+			}
+			p.space()
+			p.eat(':')
+			p.space()
+			vStart := p.i
+			p.skipValue()
+			switch key {
+			case "label":
+				if m.Label, err = jsonString(val[vStart:p.i]); err != nil {
+					return Master{}, errors.New(`"master.label" must be a string`)
+				}
+			case "kcv":
+				haveKCV, kcvToken = true, val[vStart:p.i]
+			}
+			p.space()
+			if p.eat('}') {
+				break
+			}
+			p.eat(',')
 		}
 	}
-	v, ok := raw["kcv"]
-	if !ok {
+	if !haveKCV {
 		return Master{}, errors.New(`"master.kcv" is missing: the master's check value is what identifies it`)
 	}
-	if err := json.Unmarshal(v, &m.KCV); err != nil {
+	kcv, err := jsonString(kcvToken)
+	if err != nil {
 		return Master{}, errors.New(`"master.kcv" must be a hex string`)
 	}
-	m.KCV = strings.ToLower(strings.TrimPrefix(m.KCV, "0x"))
+	m.KCV = strings.ToLower(strings.TrimPrefix(kcv, "0x"))
 	if b, err := hex.DecodeString(m.KCV); err != nil || len(b) != 3 {
 		return Master{}, fmt.Errorf("master kcv %q is not a 3-byte hex check value", truncate(m.KCV, 40))
 	}

@@ -2,6 +2,7 @@ package rotate_test
 
 import (
 	"bytes"
+	"encoding/json"
 	"strings"
 	"testing"
 
@@ -81,6 +82,18 @@ func FuzzParseRecord(f *testing.F) {
 		r, err := rotate.ParseRecord(line)
 		if err != nil {
 			return
+		}
+		// The hand-walked master agrees with encoding/json's reading.
+		var top, master map[string]json.RawMessage
+		var label, kcv string
+		if json.Unmarshal(line, &top) != nil || json.Unmarshal(top["master"], &master) != nil || json.Unmarshal(master["kcv"], &kcv) != nil {
+			t.Fatalf("accepted a line encoding/json cannot read the master of: %q", line)
+		}
+		if v, ok := master["label"]; ok && json.Unmarshal(v, &label) != nil {
+			t.Fatalf("accepted a non-string label: %q", line)
+		}
+		if r.Master.Label != label || r.Master.KCV != strings.ToLower(strings.TrimPrefix(kcv, "0x")) {
+			t.Fatalf("master %+v, encoding/json reads label %q kcv %q in %q", r.Master, label, kcv, line)
 		}
 		ct := bytes.Repeat([]byte{7}, 40)
 		out := r.Rewrite(nil, rotate.MasterJSON("new\"label", []byte{1, 2, 3}), rotate.AlgKWP, ct)
