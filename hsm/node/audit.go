@@ -162,6 +162,8 @@ type auditLog struct {
 	headAt    time.Time   // when the flusher last wrote the head
 	headDue   bool        // the head timer fired
 	headTimer *time.Timer // armed while the head lags an idle log
+	headBusy  bool        // a head write is in flight
+	heads     sync.WaitGroup
 
 	idle    bool  // the flusher is waiting on work
 	closing bool  // close was called: no more appends
@@ -478,16 +480,34 @@ func (l *auditLog) run() {
 			l.done.Broadcast()
 		}
 		final := l.closing && len(l.buf) == 0
-		if l.durable > l.headSeq && (final || l.headDue || time.Since(l.headAt) >= auditHeadInterval) {
-			seq, sum := l.durable, l.durableHash
+		switch {
+		case final:
+			// The last head, written after any still in flight.
 			l.mu.Unlock()
-			err := l.putHead(seq, sum)
+			l.heads.Wait()
 			l.mu.Lock()
-			if err != nil {
-				l.fail(fmt.Errorf("audit log %s: updating its head: %w", l.path, err))
-				break
+			if l.durable > l.headSeq {
+				seq, sum := l.durable, l.durableHash
+				l.mu.Unlock()
+				err := l.putHead(seq, sum)
+				l.mu.Lock()
+				if err != nil {
+					l.fail(fmt.Errorf("audit log %s: updating its head: %w", l.path, err))
+					break
+				}
+				l.headSeq = seq
 			}
-			l.headSeq, l.headAt = seq, time.Now()
+		case l.durable > l.headSeq && !l.headBusy && (l.headDue || time.Since(l.headAt) >= auditHeadInterval):
+			// The head is written beside the flusher, not by it: its bbolt
+			// commit waits behind the HSM's own writes, and records must
+			// not wait behind it.
+			seq, sum := l.durable, l.durableHash
+			l.headBusy, l.headAt = true, time.Now()
+			l.heads.Add(1)
+			go l.writeHead(seq, sum)
+		}
+		if l.err != nil {
+			break
 		}
 		l.headDue = false
 		if final {
@@ -514,13 +534,38 @@ func (l *auditLog) run() {
 	l.done.Broadcast()
 }
 
-// putHead records in meta that the file holds record seq with hash sum.
+// writeHead is putHead for the flusher, run on its own goroutine (one at
+// a time: headBusy).
+func (l *auditLog) writeHead(seq uint64, sum [32]byte) {
+	defer l.heads.Done()
+	err := l.putHead(seq, sum)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.headBusy = false
+	if err != nil {
+		l.fail(fmt.Errorf("audit log %s: updating its head: %w", l.path, err))
+		if l.idle {
+			l.idle = false
+			l.work.Signal()
+		}
+		return
+	}
+	l.headSeq = max(l.headSeq, seq)
+}
+
+// putHead records in meta that the file holds record seq with hash sum. It
+// only ever moves the head forward.
 func (l *auditLog) putHead(seq uint64, sum [32]byte) error {
 	hj, err := json.Marshal(auditHead{Seq: seq, Hash: hex.EncodeToString(sum[:])})
 	if err != nil {
 		return err
 	}
-	return l.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bktMeta).Put(metaAuditHead, hj) })
+	return l.db.Update(func(tx *bolt.Tx) error {
+		if cur, err := readHead(tx); err == nil && cur.Seq >= seq {
+			return nil
+		}
+		return tx.Bucket(bktMeta).Put(metaAuditHead, hj)
+	})
 }
 
 // close refuses further appends, waits for the flusher to write and sync
@@ -808,7 +853,7 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 	r := rec
 	var opErr error
 	if fn != nil {
-		err := n.db.Batch(func(tx *bolt.Tx) error {
+		err := n.group.Do(func(tx *bolt.Tx) error {
 			r = rec
 			r.Handles = append([]hsm.KeyRef(nil), rec.Handles...)
 			opErr = nil
