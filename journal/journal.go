@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/keymig/keymig/internal/boltgroup"
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
 )
@@ -31,6 +32,7 @@ var (
 // Journal is an open journal file.
 type Journal struct {
 	db       *bolt.DB
+	group    *boltgroup.Group // concurrent Puts share commits
 	path     string
 	lock     Lock
 	closed   bool
@@ -52,7 +54,7 @@ type Options struct {
 	// ReadOnly opens an existing journal to read it, sharing it with other
 	// readers and taking no lock record; it never creates the file.
 	ReadOnly bool
-	// BatchSize is how many concurrent transitions share a commit;
+	// BatchSize bounds how many concurrent transitions share a commit;
 	// set it to the worker count. Default 64.
 	BatchSize int
 }
@@ -124,10 +126,10 @@ func Open(path string, o Options) (*Journal, error) {
 		db.Close()
 		return nil, err
 	}
-	db.MaxBatchSize = o.BatchSize
-	db.MaxBatchDelay = 2 * time.Millisecond
 	host, _ := os.Hostname()
-	j := &Journal{db: db, path: path, lock: Lock{Host: host, PID: os.Getpid(), Command: o.Command, Start: time.Now().UTC()}}
+	group := boltgroup.New(db)
+	group.Max = o.BatchSize
+	j := &Journal{db: db, group: group, path: path, lock: Lock{Host: host, PID: os.Getpid(), Command: o.Command, Start: time.Now().UTC()}}
 	if o.ReadOnly {
 		j.closed = false
 		j.readOnly = true
@@ -571,7 +573,7 @@ func (r *Run) Put(it Item) error {
 	if err != nil {
 		return err
 	}
-	return r.j.db.Batch(func(tx *bolt.Tx) error {
+	return r.j.group.Do(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketItems).Bucket([]byte(r.id)).Put([]byte(it.Key), buf)
 	})
 }

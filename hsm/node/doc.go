@@ -26,9 +26,10 @@
 // in memory (decrypted; parsed RSA keys and expanded AES ciphers are cached
 // per key), so cryptographic operations read no disk and take only a read
 // lock on the key map, and only for as long as a map lookup takes. Crypto
-// runs outside every lock. Writes go through bbolt's DB.Batch so that
-// concurrent writes share one fsync; the functions given to Batch may run
-// more than once, so they decide everything (handles, policy checks,
+// runs outside every lock. Writes go through a group commit
+// (internal/boltgroup) so that concurrent writes share one commit without
+// waiting for a batch timer; the functions given to it may run more than
+// once, so they decide everything (handles, policy checks,
 // counters) from the transaction they run in and only touch memory once the
 // transaction has committed. Each write carries a revision number so that
 // in-memory updates that arrive out of order are applied in commit order.

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/boltgroup"
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 )
@@ -76,6 +77,7 @@ type persisted struct {
 // implements hsm.Backend.
 type Node struct {
 	db      *bolt.DB
+	group   *boltgroup.Group // concurrent writes share commits
 	path    string
 	log     *auditLog
 	writing sync.RWMutex // held shared by write from its commit to its audit record; Close takes it
@@ -207,17 +209,14 @@ func Open(path string, o OpenOptions) (*Node, error) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, fmt.Errorf("open hsm file %s: %w", path, err)
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.Timeout})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.Timeout, FreelistType: bolt.FreelistMapType, NoFreelistSync: true})
 	if err != nil {
 		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, hsm.Errorf(hsm.CodeUnavailable, "open", 0, "hsm file %s is locked by another process; stop it or wait", path)
 		}
 		return nil, fmt.Errorf("open hsm file %s: %w", path, err)
 	}
-	// A short batch delay keeps single-caller latency low; concurrent
-	// callers still share commits.
-	db.MaxBatchDelay = time.Millisecond
-	n := &Node{db: db, path: path, kdfIter: o.KDFIterations, now: o.Now,
+	n := &Node{db: db, group: boltgroup.New(db), path: path, kdfIter: o.KDFIterations, now: o.Now,
 		keys: map[hsm.KeyRef]*key{}, revs: map[hsm.KeyRef]uint64{}, sessions: map[uint64]*session{}}
 	if n.kdfIter <= 0 {
 		n.kdfIter = DefaultKDFIterations

@@ -1,0 +1,76 @@
+package boltgroup
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+func open(t *testing.T) *bolt.DB {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(t.TempDir(), "db"), 0o600, &bolt.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	if err := db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucket([]byte("b")); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return db
+}
+
+// Concurrent writes all land, fewer commits than writes are made, and a
+// failing write fails alone.
+func TestGroupCommits(t *testing.T) {
+	db := open(t)
+	g := New(db)
+	g.Max = 16
+	const n = 400
+	bad := errors.New("bad write")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	txs := map[int]bool{}
+	errs := make([]error, n)
+	for i := range n {
+		wg.Go(func() {
+			errs[i] = g.Do(func(tx *bolt.Tx) error {
+				mu.Lock()
+				txs[tx.ID()] = true
+				mu.Unlock()
+				if i%50 == 7 {
+					return bad
+				}
+				return tx.Bucket([]byte("b")).Put([]byte(fmt.Sprint(i)), []byte("v"))
+			})
+		})
+	}
+	wg.Wait()
+	stored := 0
+	db.View(func(tx *bolt.Tx) error { stored = tx.Bucket([]byte("b")).Stats().KeyN; return nil })
+	for i, err := range errs {
+		if (i%50 == 7) != errors.Is(err, bad) {
+			t.Errorf("write %d: %v", i, err)
+		}
+	}
+	if want := n - n/50; stored != want {
+		t.Errorf("%d keys stored, want %d", stored, want)
+	}
+	if len(txs) >= n {
+		t.Errorf("%d writes took %d transactions: they were not grouped", n, len(txs))
+	}
+}
+
+// A panicking write is an error for it alone.
+func TestGroupPanic(t *testing.T) {
+	g := New(open(t))
+	if err := g.Do(func(*bolt.Tx) error { panic("boom") }); err == nil {
+		t.Fatal("a panicking write returned no error")
+	}
+	if err := g.Do(func(tx *bolt.Tx) error { return tx.Bucket([]byte("b")).Put([]byte("k"), []byte("v")) }); err != nil {
+		t.Fatal(err)
+	}
+}
