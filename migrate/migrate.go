@@ -251,7 +251,7 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 			}
 		}
 	}
-	if err := m.waitCoverage(ctx, pi, target.Ref); err != nil {
+	if err := m.waitCoverage(ctx, pi, target); err != nil {
 		return it, err
 	}
 	it.State = runner.StateDone
@@ -385,8 +385,20 @@ func (m *Migration) lookOnTarget(ctx context.Context, pi plan.Item) (*hsm.KeyInf
 		pi.Ref, pi.Label, len(hits), strings.Join(refs, ", ")))
 }
 
-// waitCoverage waits until the target key is on enough HSMs.
-func (m *Migration) waitCoverage(ctx context.Context, pi plan.Item, ref hsm.KeyRef) error {
+// enoughCoverage reports whether cov is on the HSMs a new key must reach.
+func (m *Migration) enoughCoverage(cov hsm.Coverage) bool {
+	return cov.Count() >= m.need || len(cov.HSMs) == 0 && m.need <= 1
+}
+
+// waitCoverage waits until the target key k is on enough HSMs. The
+// coverage the cluster answered with when it made (or listed) the key is
+// enough when it already suffices; otherwise the key is looked up until it
+// does, which also makes the cluster copy it where it is missing.
+func (m *Migration) waitCoverage(ctx context.Context, pi plan.Item, k hsm.KeyInfo) error {
+	if m.enoughCoverage(k.Coverage) {
+		return nil
+	}
+	ref := k.Ref
 	deadline := time.Now().Add(m.opts.CoverageWait)
 	delay := 5 * time.Millisecond
 	for {
@@ -394,7 +406,7 @@ func (m *Migration) waitCoverage(ctx context.Context, pi plan.Item, ref hsm.KeyR
 		if err != nil {
 			return fmt.Errorf("key %s (label %q): checking coverage of target key %s: %w", pi.Ref, pi.Label, ref, err)
 		}
-		if k.Coverage.Count() >= m.need || len(k.Coverage.HSMs) == 0 && m.need <= 1 {
+		if m.enoughCoverage(k.Coverage) {
 			return nil
 		}
 		if time.Now().After(deadline) {

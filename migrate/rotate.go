@@ -65,7 +65,7 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 			return it, fmt.Errorf("key %s (label %q): sharing the new master %s with %s: %w", pi.Ref, pi.Label, master.Ref, u, err)
 		}
 	}
-	if err := m.waitCoverage(ctx, pi, master.Ref); err != nil {
+	if err := m.waitCoverage(ctx, pi, *master); err != nil {
 		return it, err
 	}
 
