@@ -62,7 +62,7 @@ func BenchmarkMigrate(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			for it := 0; it < b.N; it++ {
 				b.StopTimer()
-				_, dst := benchCluster(b, filepath.Join(b.TempDir(), "dst"))
+				dstCluster, dst := benchCluster(b, filepath.Join(b.TempDir(), "dst"))
 				pl, err := plan.Build(srcInv, benchInventory(b, "dst", dst), plan.Options{Transport: tc.transport, TransportBits: tc.bits}, time.Now())
 				if err != nil {
 					b.Fatal(err)
@@ -86,6 +86,8 @@ func BenchmarkMigrate(b *testing.B) {
 				}
 				rate := float64(n) / el.Seconds()
 				b.ReportMetric(rate, "keys/s")
+				st := dstCluster.Stats()
+				b.Logf("%s: target cluster: %d throttled answers, %d retries, %d copies to a second HSM", name, st.Throttled, st.Retries, st.Clones)
 				if tc.transport == "session-kek" {
 					b.Logf("%s: %.0f keys/s for %d keys (goal ≥ 10000 keys/s)", name, rate, n)
 				} else {

@@ -218,6 +218,11 @@ func Open(path string, o OpenOptions) (*Node, error) {
 	}
 	n := &Node{db: db, group: boltgroup.New(db), path: path, kdfIter: o.KDFIterations, now: o.Now,
 		keys: map[hsm.KeyRef]*key{}, revs: map[hsm.KeyRef]uint64{}, sessions: map[uint64]*session{}}
+	// A node's writes compete with its own crypto (RSA unwraps) for the
+	// CPU: letting runnable writers join a commit first makes fewer,
+	// larger commits (migrate bench, rsa-aes-2048: about 520 to 655
+	// keys/s, session-kek unchanged).
+	n.group.Yield = true
 	if n.kdfIter <= 0 {
 		n.kdfIter = DefaultKDFIterations
 	}

@@ -26,9 +26,15 @@ func open(t *testing.T) *bolt.DB {
 // Concurrent writes all land, fewer commits than writes are made, and a
 // failing write fails alone.
 func TestGroupCommits(t *testing.T) {
+	for _, yield := range []bool{false, true} {
+		t.Run(fmt.Sprintf("yield=%v", yield), func(t *testing.T) { testGroupCommits(t, yield) })
+	}
+}
+
+func testGroupCommits(t *testing.T, yield bool) {
 	db := open(t)
 	g := New(db)
-	g.Max = 16
+	g.Max, g.Yield = 16, yield
 	const n = 400
 	bad := errors.New("bad write")
 	var wg sync.WaitGroup
