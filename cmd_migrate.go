@@ -155,6 +155,7 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 	if o.DryRun {
 		return runMigrateDryRun(ctx, e, o, p, stdout)
 	}
+	defer runner.ProcsForStorage()()
 	j, err := journal.Open(o.Journal, journal.Options{Command: "migrate", BatchSize: max(1, o.Workers)})
 	if err != nil {
 		return err

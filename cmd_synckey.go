@@ -128,6 +128,7 @@ func synckeyJournalPath(sourceDir, targetDir string) (string, error) {
 }
 
 func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io.Writer) error {
+	defer runner.ProcsForStorage()()
 	if o.SourceDir == "" || o.TargetDir == "" {
 		return errors.New("both --source DIR and --target DIR are needed")
 	}

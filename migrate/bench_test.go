@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/migrate"
 	"github.com/keymig/keymig/plan"
+	"github.com/keymig/keymig/runner"
 	"github.com/sourcegraph/conc/pool"
 )
 
@@ -60,6 +62,9 @@ func BenchmarkMigrate(b *testing.B) {
 			name = fmt.Sprintf("%s-%d", tc.transport, tc.bits)
 		}
 		b.Run(name, func(b *testing.B) {
+			// As keymig migrate runs (inside b.Run: the testing package
+			// sets GOMAXPROCS for each benchmark).
+			defer runner.ProcsForStorage()()
 			for it := 0; it < b.N; it++ {
 				b.StopTimer()
 				dstCluster, dst := benchCluster(b, filepath.Join(b.TempDir(), "dst"))
@@ -93,8 +98,8 @@ func BenchmarkMigrate(b *testing.B) {
 				} else {
 					bound := rsaBound(tc.bits, workers)
 					b.ReportMetric(bound, "rsa-ops/s")
-					b.Logf("%s: %.0f keys/s for %d keys; bound %.0f RSA-%d private-key ops/s at %d workers: %.0f%% (goal ≥ 80%%)",
-						name, rate, n, bound, tc.bits, workers, 100*rate/bound)
+					b.Logf("%s: %.0f keys/s for %d keys; bound %.0f RSA-%d private-key ops/s at %d workers (GOMAXPROCS %d): %.0f%% (goal ≥ 80%%)",
+						name, rate, n, bound, tc.bits, workers, runtime.GOMAXPROCS(0), 100*rate/bound)
 				}
 			}
 		})

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -185,5 +187,25 @@ func TestBackoffDelayIsBounded(t *testing.T) {
 				t.Fatalf("Delay(%d) = %v, want within [0, %v]", n, d, ceiling)
 			}
 		}
+	}
+}
+
+func TestProcsForStorage(t *testing.T) {
+	prev := runtime.GOMAXPROCS(2)
+	defer runtime.GOMAXPROCS(prev)
+	t.Setenv("GOMAXPROCS", "")
+	os.Unsetenv("GOMAXPROCS")
+	restore := ProcsForStorage()
+	if got := runtime.GOMAXPROCS(0); got != MinProcsForStorage {
+		t.Errorf("GOMAXPROCS %d while raised, want %d", got, MinProcsForStorage)
+	}
+	restore()
+	if got := runtime.GOMAXPROCS(0); got != 2 {
+		t.Errorf("GOMAXPROCS %d after restore, want 2", got)
+	}
+	t.Setenv("GOMAXPROCS", "2")
+	ProcsForStorage()()
+	if got := runtime.GOMAXPROCS(0); got != 2 {
+		t.Errorf("GOMAXPROCS %d with GOMAXPROCS=2 in the environment, want 2", got)
 	}
 }
