@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
@@ -17,6 +18,8 @@ type journalOptions struct {
 	Path   string
 	Run    string
 	State  string
+	Kind   string
+	Keep   int
 	Output outputFormat
 }
 
@@ -37,7 +40,8 @@ func journalCommand(e *env) *cli.Command {
 			if err != nil {
 				return err
 			}
-			return fn(c.Context, journalOptions{Path: c.String("journal"), Run: c.String("run"), State: c.String("state"), Output: out}, e.stdout)
+			return fn(c.Context, journalOptions{Path: c.String("journal"), Run: c.String("run"), State: c.String("state"),
+				Kind: c.String("kind"), Keep: c.Int("keep"), Output: out}, e.stdout)
 		}
 	}
 	return &cli.Command{
@@ -53,6 +57,20 @@ file, by default beside the plan). It never holds key material or PINs.`,
 			{Name: "check", Usage: "check the file (bbolt consistency) and every record", Flags: flags(), Action: action(runJournalCheck)},
 			{Name: "unlock", Usage: "release the lock left by a keymig process that died",
 				Description: "unlock refuses while the process that holds the journal is alive.", Flags: flags(), Action: action(runJournalUnlock)},
+			{Name: "prune", Usage: "delete the oldest finished runs of a kind, keeping the newest N",
+				UsageText: "keymig journal prune --journal FILE --kind synckey --keep 100",
+				Description: `A scheduled keymig synckey adds a run to its journal each time; prune keeps
+the newest --keep finished (done) runs of --kind and deletes the older ones
+with their items. Runs that are running, failed or interrupted are never
+deleted. It takes the journal's lock, so it waits for (or refuses) a job
+that has it open. synckey --keep-runs does this after every run.
+
+Example:
+  keymig journal prune --journal ./clone/synckey-cluster-abc.journal --kind synckey --keep 100`,
+				Flags: flags(
+					&cli.StringFlag{Name: "kind", Required: true, Usage: "the kind of run to prune: synckey, rotate or migrate"},
+					&cli.IntFlag{Name: "keep", Value: 100, Usage: "finished runs to keep, the newest"},
+				), Action: action(runJournalPrune)},
 		},
 	}
 }
@@ -191,5 +209,35 @@ func runJournalUnlock(_ context.Context, o journalOptions, w io.Writer) error {
 		return nil
 	}
 	fmt.Fprintf(w, "journal %s: released the lock of %s, which is no longer running\n", o.Path, l)
+	return nil
+}
+
+func runJournalPrune(_ context.Context, o journalOptions, w io.Writer) error {
+	switch o.Kind {
+	case "synckey", "rotate", "migrate":
+	default:
+		return fmt.Errorf("--kind %q: want synckey, rotate or migrate", o.Kind)
+	}
+	if _, err := os.Stat(o.Path); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	j, err := journal.Open(o.Path, journal.Options{Command: "journal prune"})
+	if err != nil {
+		return err
+	}
+	defer j.Close()
+	n, err := j.Prune(o.Kind, o.Keep)
+	if err != nil {
+		return err
+	}
+	if o.Output == outputJSON {
+		return writeJSON(w, struct {
+			Journal string `json:"journal"`
+			Kind    string `json:"kind"`
+			Removed int    `json:"removed"`
+			Kept    int    `json:"kept"`
+		}{o.Path, o.Kind, n, o.Keep})
+	}
+	fmt.Fprintf(w, "journal %s: deleted %d finished %s run(s), kept at most the newest %d\n", o.Path, n, o.Kind, o.Keep)
 	return nil
 }

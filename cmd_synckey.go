@@ -30,6 +30,7 @@ type synckeyOptions struct {
 	Journal    string
 	Combined   string
 	Workers    int
+	KeepRuns   int
 	NoProgress bool
 	Output     outputFormat
 }
@@ -89,6 +90,7 @@ Examples:
 			&cli.StringFlag{Name: "journal", Usage: "the journal `FILE` (default: synckey-SOURCE-CLUSTER-ID.journal in the target directory)"},
 			&cli.StringFlag{Name: "combined", Usage: "write one line per key, = included, to `FILE`"},
 			&cli.IntFlag{Name: "workers", Value: 16, Usage: "keys copied at once"},
+			&cli.IntFlag{Name: "keep-runs", Value: 100, Usage: "after each sync, keep the newest `N` finished runs in the journal and delete older ones (0 keeps only unfinished runs)"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or progress log lines"},
 			outputFlag(),
 		),
@@ -104,7 +106,7 @@ Examples:
 				pairOptions: pairOptionsFrom(c), Filter: c.StringSlice("filter"), DryRun: c.Bool("dry-run"),
 				Prune: c.Bool("prune"), Yes: c.Bool("yes"), Every: c.Duration("every"), Jitter: c.String("jitter"),
 				Journal: c.String("journal"), Combined: c.String("combined"), Workers: c.Int("workers"),
-				NoProgress: c.Bool("no-progress"), Output: out,
+				KeepRuns: c.Int("keep-runs"), NoProgress: c.Bool("no-progress"), Output: out,
 			}, e.stdout, e.stderr)
 		},
 	}
@@ -143,6 +145,9 @@ func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io
 	}
 	if o.Every < 0 {
 		return fmt.Errorf("--every %s: want a positive period such as 15m", o.Every)
+	}
+	if o.KeepRuns < 0 {
+		return fmt.Errorf("--keep-runs %d: want 0 or more", o.KeepRuns)
 	}
 	jitter, err := synckey.ParseJitter(o.Jitter)
 	if err != nil {
@@ -198,6 +203,12 @@ func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io
 		}
 		if err != nil {
 			return err
+		}
+		// A scheduled sync adds a run each time: keep the journal bounded.
+		if n, err := j.Prune(synckey.RunKind, o.KeepRuns); err != nil {
+			e.log.Warn("could not delete old runs from the journal; it keeps growing", "journal", o.Journal, "err", err)
+		} else if n > 0 {
+			e.log.Debug("deleted old finished runs from the journal", "journal", o.Journal, "runs", n, "kept", o.KeepRuns)
 		}
 		return synckeyStatus(res, o.Journal)
 	}

@@ -422,6 +422,50 @@ func (j *Journal) Runs() ([]RunInfo, error) {
 	return out, err
 }
 
+// Prune deletes the oldest finished (done) runs of kind, with their items
+// and events, so that at most keep of them remain, and returns how many it
+// deleted. Runs that are running, failed or interrupted are never deleted:
+// they may still be resumed or looked into.
+func (j *Journal) Prune(kind string, keep int) (removed int, err error) {
+	if keep < 0 {
+		return 0, fmt.Errorf("journal %s: keep %d runs: want 0 or more", j.path, keep)
+	}
+	runs, err := j.Runs()
+	if err != nil {
+		return 0, err
+	}
+	var done []RunInfo
+	for _, r := range runs {
+		if r.Kind == kind && r.Status == RunDone {
+			done = append(done, r)
+		}
+	}
+	if len(done) <= keep {
+		return 0, nil
+	}
+	old := done[:len(done)-keep] // Runs is oldest first
+	err = j.db.Update(func(tx *bolt.Tx) error {
+		for _, r := range old {
+			id := []byte(r.ID)
+			for _, b := range [][]byte{bucketItems, bucketEvents} {
+				if tx.Bucket(b).Bucket(id) != nil {
+					if err := tx.Bucket(b).DeleteBucket(id); err != nil {
+						return err
+					}
+				}
+			}
+			if err := tx.Bucket(bucketRuns).Delete(id); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("journal %s: pruning old runs: %w", j.path, err)
+	}
+	return len(old), nil
+}
+
 // Run returns a handle on an existing run.
 func (j *Journal) Run(id string) (*Run, RunInfo, error) {
 	var info RunInfo

@@ -209,3 +209,48 @@ func FuzzDecodeItem(f *testing.F) {
 		}
 	})
 }
+
+// Prune keeps the newest done runs of a kind and never touches runs of
+// another kind or runs that are not done.
+func TestPrune(t *testing.T) {
+	j, _ := openTemp(t)
+	status := []string{RunDone, RunDone, RunFailed, RunDone, RunInterrupted, RunDone, RunDone}
+	for i, st := range status {
+		r, _, _, err := j.Begin(fmt.Sprintf("sync-%d", i), "synckey", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.AddItems([]Item{{Key: "k", State: "done"}}); err != nil {
+			t.Fatal(err)
+		}
+		r.Event("note", "run %d", i)
+		if err := r.Finish(st, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other, _, _, _ := j.Begin("plan-digest", "migrate", nil)
+	other.Finish(RunDone, nil)
+
+	removed, err := j.Prune("synckey", 2)
+	if err != nil || removed != 3 {
+		t.Fatalf("pruned %d, %v; want 3 (done runs 0, 1 and 3)", removed, err)
+	}
+	var left []string
+	runs, _ := j.Runs()
+	for _, r := range runs {
+		left = append(left, r.ID)
+	}
+	want := "[sync-2 sync-4 sync-5 sync-6 plan-digest]"
+	if got := fmt.Sprint(left); got != want {
+		t.Errorf("runs left %s, want %s", got, want)
+	}
+	if _, _, err := j.Run("sync-0"); err == nil {
+		t.Error("a pruned run is still there")
+	}
+	if removed, err := j.Prune("synckey", 2); err != nil || removed != 0 {
+		t.Errorf("second prune removed %d, %v", removed, err)
+	}
+	if _, err := j.Prune("synckey", -1); err == nil {
+		t.Error("keep -1 was accepted")
+	}
+}
