@@ -834,8 +834,12 @@ func (e txAbort) Error() string { return e.err.Error() }
 // record and waits until it is on disk. fn must check everything before it
 // writes anything: an *hsm.Error it returns is the operation's outcome
 // (recorded; the transaction changes nothing); any other error aborts the
-// transaction and nothing is recorded. fn may run more than once (bbolt
-// Batch), so it must reset whatever it reports through closures.
+// transaction and nothing is recorded. fn may run more than once (see
+// boltgroup), so it must reset whatever it reports through closures. The
+// record is appended when the change is final in its transaction, before
+// the commit (so the two syncs overlap); a commit that then fails is
+// followed by a "rolled-back" record naming it. write returns once both
+// the commit and the record are on disk.
 func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, rec *AuditRecord) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -851,9 +855,25 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 		return n.logErr(rec.Op, err)
 	}
 	r := rec
-	var opErr error
-	if fn != nil {
-		err := n.group.Do(func(tx *bolt.Tx) error {
+	var (
+		opErr  error
+		seq    uint64
+		logErr error
+	)
+	appendRecord := func() error {
+		if r.Outcome == "" {
+			r.Outcome = "ok"
+		}
+		seq, logErr = n.log.append(&r, n.now)
+		return logErr
+	}
+	if fn == nil {
+		appendRecord()
+	} else {
+		// The record is appended once the change is final in its
+		// transaction, just before the commit, so that the audit file's
+		// sync runs while the commit does instead of after it.
+		err := n.group.DoApplied(func(tx *bolt.Tx) error {
 			r = rec
 			r.Handles = append([]hsm.KeyRef(nil), rec.Handles...)
 			opErr = nil
@@ -866,17 +886,19 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 				r.Outcome = string(he.Code)
 			}
 			return nil
-		})
-		if err != nil {
+		}, appendRecord)
+		if err != nil && logErr == nil {
+			if seq != 0 {
+				// Logged, then the commit failed: say so in the log.
+				n.log.append(&AuditRecord{User: r.User, Op: r.Op, Handles: r.Handles, Target: r.Target,
+					Outcome: "rolled-back: the change of record " + fmt.Sprint(seq) + " was not committed"}, n.now)
+			}
 			n.writing.RUnlock()
 			return fmt.Errorf("hsm %s: writing %s: %w", n.opt.ID, rec.Op, err)
 		}
 	}
-	if r.Outcome == "" {
-		r.Outcome = "ok"
-	}
-	seq, err := n.log.append(&r, n.now)
 	n.writing.RUnlock()
+	err := logErr
 	if err == nil {
 		err = n.log.waitDurable(seq)
 	}

@@ -57,15 +57,19 @@
 // hash, a space and the record's JSON, where the hash is SHA-256 of the
 // previous record's hash ‖ the JSON. The log's head (last sequence number
 // and hash) is kept in the bbolt file too, so that records cut off the end
-// are detected; the flusher updates it at most every 50 ms and at Close, so
-// it may lag the file, never lead it. VerifyAudit walks the chain and names
+// are detected; it is written beside the flusher at most every 50 ms and at
+// Close, only ever forward, so it may lag the file, never lead it. VerifyAudit walks the chain and names
 // the first altered, missing or reordered record. The chain is unkeyed: it
 // detects edits, not an attacker who recomputes every hash.
 //
-// Durability: a write's state change commits first, then its record is
-// appended, and the write returns once the record is synced. A process
-// killed between the commit and that sync loses that one record (its
-// change is kept). Records of operations that changed nothing have been
+// Durability: a write's record is appended once its change is final in
+// its transaction, just before the commit, so the audit file's sync and
+// the bbolt commit run side by side; the write returns once both are on
+// disk. A commit that fails after that is followed by a "rolled-back"
+// record naming the record it undoes. A process killed while both are on
+// their way may leave either one without the other: the record of a change
+// that never committed, or a committed change whose record was not yet
+// written. Records of operations that changed nothing have been
 // answered before they are synced: a crash loses those not yet on disk,
 // the flush in progress and what is buffered behind it (normally a few
 // milliseconds of work, at most 4 MiB of records); the head's last update

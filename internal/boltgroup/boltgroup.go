@@ -35,8 +35,9 @@ type Group struct {
 }
 
 type call struct {
-	fn  func(*bolt.Tx) error
-	err chan error
+	fn      func(*bolt.Tx) error
+	applied func() error // may be nil
+	err     chan error
 }
 
 // New returns a Group for db.
@@ -49,7 +50,18 @@ func New(db *bolt.DB) *Group { return &Group{db: db} }
 // write does not fail the others. fn must therefore compute its effect
 // from the transaction, not from state it changes itself.
 func (g *Group) Do(fn func(*bolt.Tx) error) error {
-	c := call{fn: fn, err: make(chan error, 1)}
+	return g.DoApplied(fn, nil)
+}
+
+// DoApplied is Do with a hook: applied runs once fn's write is final in
+// the transaction that will be committed (after every write of it has run
+// without error, in the order of the writes), just before the commit. It
+// lets the caller start work that must follow the write, such as logging
+// it, while the commit is on its way to the disk; if the commit then
+// fails, DoApplied returns that error. An error from applied rolls the
+// transaction back, for every write in it.
+func (g *Group) DoApplied(fn func(*bolt.Tx) error, applied func() error) error {
+	c := call{fn: fn, applied: applied, err: make(chan error, 1)}
 	g.mu.Lock()
 	g.pending = append(g.pending, c)
 	if g.leading {
@@ -98,6 +110,13 @@ func (g *Group) commit(calls []call) {
 				return errRetry
 			}
 		}
+		for _, c := range calls {
+			if c.applied != nil {
+				if err := c.applied(); err != nil {
+					return err
+				}
+			}
+		}
 		return nil
 	})
 	switch {
@@ -108,7 +127,15 @@ func (g *Group) commit(calls []call) {
 	case failed >= 0:
 		// Each alone, so that only the failing one fails.
 		for _, c := range calls {
-			c.err <- g.db.Update(func(tx *bolt.Tx) error { return safely(c.fn, tx) })
+			c.err <- g.db.Update(func(tx *bolt.Tx) error {
+				if err := safely(c.fn, tx); err != nil {
+					return err
+				}
+				if c.applied != nil {
+					return c.applied()
+				}
+				return nil
+			})
 		}
 	default: // the commit itself failed
 		for _, c := range calls {

@@ -80,3 +80,51 @@ func TestGroupPanic(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The applied hook runs exactly once for each write that commits, never
+// for one that fails, even when a failing write shares its first commit.
+func TestAppliedOnce(t *testing.T) {
+	db := open(t)
+	g := New(db)
+	const n = 200
+	var mu sync.Mutex
+	applied := map[int]int{}
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			g.DoApplied(func(tx *bolt.Tx) error {
+				if i%40 == 3 {
+					return errors.New("bad")
+				}
+				return tx.Bucket([]byte("b")).Put([]byte(fmt.Sprint(i)), []byte("v"))
+			}, func() error {
+				mu.Lock()
+				applied[i]++
+				mu.Unlock()
+				return nil
+			})
+		})
+	}
+	wg.Wait()
+	for i := range n {
+		want := 1
+		if i%40 == 3 {
+			want = 0
+		}
+		if applied[i] != want {
+			t.Errorf("write %d: applied %d times, want %d", i, applied[i], want)
+		}
+	}
+	// An error from the hook rolls the write back.
+	err := g.DoApplied(func(tx *bolt.Tx) error { return tx.Bucket([]byte("b")).Put([]byte("x"), []byte("v")) },
+		func() error { return errors.New("log failed") })
+	if err == nil {
+		t.Fatal("a failing hook did not fail the write")
+	}
+	db.View(func(tx *bolt.Tx) error {
+		if tx.Bucket([]byte("b")).Get([]byte("x")) != nil {
+			t.Error("the write of a failing hook was committed")
+		}
+		return nil
+	})
+}
