@@ -28,6 +28,7 @@ type migrateOptions struct {
 	DryRun      bool
 	MaxKeys     int
 	MaxDuration time.Duration
+	OnError     rotate.OnError // of rotations
 	NoProgress  bool
 	Output      outputFormat
 }
@@ -68,6 +69,7 @@ Example:
 			&cli.BoolFlag{Name: "dry-run", Usage: "report what would happen; change nothing"},
 			&cli.IntFlag{Name: "max-keys", Usage: "stop after starting `N` keys (resume later)"},
 			&cli.DurationFlag{Name: "max-duration", Usage: "stop starting keys after this long (resume later)"},
+			&cli.StringFlag{Name: "datakeys-on-error", Value: "stop", Usage: "for rotate keys: a data key that does not unwrap under its old master fails the key (stop) or is set aside in FILE.rotated.rejects (skip)"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or progress log lines"},
 			outputFlag(),
 		),
@@ -79,7 +81,11 @@ Example:
 			if err != nil {
 				return err
 			}
-			return runMigrate(c.Context, e, migrateOptions{
+			onErr, err := rotate.ParseOnError(c.String("datakeys-on-error"))
+			if err != nil {
+				return fmt.Errorf("--datakeys-on-error %q: want stop or skip", c.String("datakeys-on-error"))
+			}
+			return runMigrate(c.Context, e, migrateOptions{OnError: onErr,
 				pairOptions: pairOptionsFrom(c), Plan: c.String("plan"), Journal: c.String("journal"),
 				Workers: c.Int("workers"), DryRun: c.Bool("dry-run"), MaxKeys: c.Int("max-keys"),
 				MaxDuration: c.Duration("max-duration"), NoProgress: c.Bool("no-progress"), Output: out,
@@ -198,7 +204,7 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 	if p.Counts()[plan.Rotate] > 0 {
 		lanes := &rotationLanes{pair: pr}
 		defer lanes.close(ctx)
-		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64}
+		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64, OnError: o.OnError}
 		if !o.NoProgress {
 			opts.Rotation.Progress = func(plan.Item) runner.Progress {
 				// Log lines, not a second bar under the keys' bar.
@@ -294,8 +300,11 @@ func printMigrateReport(w io.Writer, out outputFormat, info journal.RunInfo, jou
 	if s.Pending > 0 {
 		t.row("not started", fmt.Sprint(s.Pending))
 	}
-	if rep.DataKeys > 0 {
+	if rep.DataKeys > 0 || rep.Rejected > 0 {
 		t.row("data keys", fmt.Sprintf("%d re-encrypted under new masters", rep.DataKeys))
+	}
+	if rep.Rejected > 0 {
+		t.row("set aside", fmt.Sprintf("%d data keys that did not unwrap (see FILE.rotated.rejects)", rep.Rejected))
 	}
 	if rep.Adopted > 0 {
 		t.row("adopted", fmt.Sprintf("%d (found on the target after an interrupted attempt)", rep.Adopted))

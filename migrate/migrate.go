@@ -52,6 +52,7 @@ type Report struct {
 	Blocked   int            `json:"blocked"`
 	Adopted   int            `json:"adopted"` // keys found on the target after a crash and taken as done
 	DataKeys  int64          `json:"data-keys-rotated,omitempty"`
+	Rejected  int64          `json:"data-keys-rejected,omitempty"`
 }
 
 // Migration is one plan being applied.
@@ -66,7 +67,9 @@ type Migration struct {
 	need     int // HSMs a new key must reach
 	adopted  atomic.Int64
 	dataKeys atomic.Int64 // data keys re-encrypted by rotate items
-	run      *journal.Run
+	// dataKeysRejected counts data keys rotate items set aside.
+	dataKeysRejected atomic.Int64
+	run              *journal.Run
 }
 
 // New prepares the migration of p between src and dst.
@@ -157,7 +160,7 @@ func (m *Migration) Run(ctx context.Context, r *journal.Run) (Report, error) {
 	})
 	rep.Summary = sum
 	rep.Adopted = int(m.adopted.Load())
-	rep.DataKeys = m.dataKeys.Load()
+	rep.DataKeys, rep.Rejected = m.dataKeys.Load(), m.dataKeysRejected.Load()
 	if err != nil {
 		return rep, err
 	}

@@ -24,6 +24,10 @@ type Rotation struct {
 	Workers int
 	// Progress makes the progress reporter of one rotation; may be nil.
 	Progress func(pi plan.Item) runner.Progress
+	// OnError is what a rotation does with a data key that fails (one that
+	// does not unwrap under the old master): rotate.Stop (default) fails
+	// the item, rotate.Skip sets it aside in RejectsPath and goes on.
+	OnError rotate.OnError
 
 	once     sync.Once
 	src, dst rotate.Side
@@ -77,7 +81,7 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 	cfg := rotate.Config{
 		Source: src, Target: &dst,
 		From: hsm.Filter{Ref: pi.Ref}, To: hsm.Filter{Ref: master.Ref},
-		In: dk.In, Out: dk.Out, OnError: rotate.Stop, Workers: ro.Workers,
+		In: dk.In, Out: dk.Out, Rejects: RejectsPath(dk), OnError: ro.OnError, Workers: ro.Workers,
 		WantSHA256: dk.SHA256, Log: m.log,
 	}
 	if ro.Progress != nil {
@@ -87,7 +91,8 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 	var rec *rotate.RecordError
 	switch {
 	case errors.As(err, &rec):
-		return it, permanent(fmt.Errorf("key %s (label %q): %w; fix the data-key file and re-plan", pi.Ref, pi.Label, err))
+		return it, permanent(fmt.Errorf("key %s (label %q): data-key file %s line %d%s: %v; fix the record and re-plan, or run migrate with --datakeys-on-error skip to set such records aside in %s",
+			pi.Ref, pi.Label, rec.File, rec.Line, idText(rec.ID), rec.Err, RejectsPath(dk)))
 	case errors.Is(err, rotate.ErrInputChanged):
 		return it, permanent(fmt.Errorf("key %s (label %q): %w", pi.Ref, pi.Label, err))
 	case err != nil:
@@ -101,8 +106,13 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 		return it, fmt.Errorf("key %s (label %q): the re-encryption of %s did not finish (%d batch(es) failed); it resumes on the next run", pi.Ref, pi.Label, dk.In, max(1, rep.Summary.Failed))
 	}
 	m.dataKeys.Add(rep.Rotated)
+	m.dataKeysRejected.Add(rep.Rejected)
 	it.State = runner.StateDone
 	it.Result = fmt.Sprintf("%s; %d data keys re-encrypted into %s", master.Ref, rep.Rotated, dk.Out)
+	if rep.Rejected > 0 {
+		it.Result += fmt.Sprintf(", %d set aside in %s", rep.Rejected, RejectsPath(dk))
+		m.log.Warn("data keys that did not unwrap under the old master were set aside", "key", pi.Ref, "label", pi.Label, "rejected", rep.Rejected, "rejects", RejectsPath(dk))
+	}
 	return it, nil
 }
 
@@ -155,4 +165,11 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 	}
 	m.log.Info("made the new master on the target", "key", pi.Ref, "label", pi.Label, "new-master", k.Ref, "kcv", k.KCV.String())
 	return &k, nil
+}
+
+func idText(id string) string {
+	if id == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (id %q)", id)
 }

@@ -150,10 +150,16 @@ func CheckRotated(it plan.Item, target hsm.KeyInfo) error {
 	if _, err := os.Stat(dk.Out); err != nil {
 		return fmt.Errorf("the new master %s is made, but %s is missing: run keymig migrate again to finish re-encrypting the data keys", target.Ref, dk.Out)
 	}
-	if err := rotate.CheckOutput(dk.In, dk.Out, target, dk.Records); err != nil {
+	if err := rotate.CheckOutput(dk.In, dk.Out, RejectsPath(dk), target, dk.Records); err != nil {
 		return fmt.Errorf("%s: %w", dk.Out, err)
 	}
 	return nil
+}
+
+// RejectsPath is where a rotation in a migration writes the data keys it
+// sets aside under --datakeys-on-error skip.
+func RejectsPath(dk *plan.DataKeys) string {
+	return dk.Out + ".rejects"
 }
 
 // DryRun says what a migration would do now, from the clusters' listings

@@ -123,12 +123,28 @@ func checkOutput(inPath, outPath, rejPath string, to resolved, alg string, wantR
 	return nil
 }
 
-// CheckOutput checks a finished rotation run with --on-error stop and
-// each record's own alg: every record of the input at in is in the output
-// at out, in order, with only master, alg and ciphertext changed and the
-// master being to, and the output holds records records.
-func CheckOutput(in, out string, to hsm.KeyInfo, records int64) error {
-	return checkOutput(in, out, out+".rejects", resolved{KeyInfo: to}, "", records, 0)
+// CheckOutput checks a finished rotation that kept each record's own alg:
+// every record of the input at in is, in order, either in the output at
+// out with only master, alg and ciphertext changed and the master being
+// to, or in the rejects file (which need not exist), and together they
+// hold records records.
+func CheckOutput(in, out, rejects string, to hsm.KeyInfo, records int64) error {
+	var rejected int64
+	if f, err := os.Open(rejects); err == nil {
+		err = eachLine(f, func(raw []byte, _ int) error {
+			if !isBlank(raw) {
+				rejected++
+			}
+			return nil
+		})
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("reading %s: %w", rejects, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return checkOutput(in, out, rejects, resolved{KeyInfo: to}, "", records-rejected, rejected)
 }
 
 func orAlg(alg, own string) string {
