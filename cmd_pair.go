@@ -54,12 +54,18 @@ type side struct {
 // moreSessions logs in n more times, for work that spreads over the HSMs
 // of the cluster (each session's objects live on one HSM).
 func (s side) moreSessions(ctx context.Context, n int) ([]hsm.Session, error) {
+	return loginSessions(ctx, s.cluster, s.dir, s.creds, n)
+}
+
+// loginSessions logs in to cl n times; on a failure it logs out of those
+// it made and names the cluster directory dir.
+func loginSessions(ctx context.Context, cl *cluster.Cluster, dir string, creds hsm.Credentials, n int) ([]hsm.Session, error) {
 	var out []hsm.Session
 	for range n {
-		sess, err := s.cluster.Login(ctx, s.creds)
+		sess, err := cl.Login(ctx, creds)
 		if err != nil {
 			logoutAll(ctx, out)
-			return nil, loginError(s.dir, s.creds.User, err)
+			return nil, loginError(dir, creds.User, err)
 		}
 		out = append(out, sess)
 	}

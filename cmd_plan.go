@@ -294,7 +294,7 @@ func parseDataKeys(vals []string) ([]plan.DataKeys, error) {
 		if _, err := os.Stat(file); err != nil {
 			return nil, fmt.Errorf("--datakeys %s: %w", v, err)
 		}
-		out = append(out, plan.DataKeys{Label: label, In: file, Out: file + ".rotated"})
+		out = append(out, plan.DataKeys{Label: label, In: file}) // plan.Build names the output
 	}
 	return out, nil
 }

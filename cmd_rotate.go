@@ -159,32 +159,22 @@ func (o *openedCluster) side() rotate.Side {
 }
 
 func (o *openedCluster) close(ctx context.Context) {
-	for _, s := range o.sessions {
-		s.Logout(context.WithoutCancel(ctx))
-	}
+	logoutAll(ctx, o.sessions)
 	if o.cluster != nil {
 		o.cluster.Close()
 	}
 }
 
 // openClusterSessions opens dir and logs in n times with creds.
-func openClusterSessions(ctx context.Context, dir string, creds hsm.Credentials, n int, lockTimeout time.Duration) (_ *openedCluster, err error) {
+func openClusterSessions(ctx context.Context, dir string, creds hsm.Credentials, n int, lockTimeout time.Duration) (*openedCluster, error) {
 	cl, err := openCluster(ctx, clusterOptions{Dir: dir, LockTimeout: lockTimeout})
 	if err != nil {
 		return nil, err
 	}
 	o := &openedCluster{dir: dir, cluster: cl}
-	defer func() {
-		if err != nil {
-			o.close(ctx)
-		}
-	}()
-	for range max(1, n) {
-		s, err := cl.Login(ctx, creds)
-		if err != nil {
-			return nil, loginError(dir, creds.User, err)
-		}
-		o.sessions = append(o.sessions, s)
+	if o.sessions, err = loginSessions(ctx, cl, dir, creds, max(1, n)); err != nil {
+		cl.Close()
+		return nil, err
 	}
 	return o, nil
 }

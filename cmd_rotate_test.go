@@ -33,10 +33,7 @@ func TestRotateSurvivesKills(t *testing.T) {
 	}
 	records = envInt("KEYMIG_ROTATE_CRASH_RECORDS", records)
 	kills = envInt("KEYMIG_ROTATE_CRASH_KILLS", kills)
-	bin, err := exec.LookPath("keymig")
-	if err != nil {
-		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
-	}
+	bin := keymigBin(t)
 	dir := t.TempDir()
 	cl := filepath.Join(dir, "hsm")
 	newCrashCluster(t, cl, 2)

@@ -9,6 +9,17 @@ import (
 	"time"
 )
 
+// keymigBin is the keymig command that the testscript harness puts on
+// PATH, for tests that run it as a real process.
+func keymigBin(t *testing.T) string {
+	t.Helper()
+	bin, err := exec.LookPath("keymig")
+	if err != nil {
+		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
+	}
+	return bin
+}
+
 // runAndKill starts cmd and kills it with SIGKILL after d unless it ends
 // first. It reports whether the kill landed (false: the command finished
 // on its own, successfully) and what the command printed. A command that

@@ -82,10 +82,7 @@ func TestMigrateSurvivesKills(t *testing.T) {
 	if testing.Short() {
 		keys, kills = 300, 5
 	}
-	bin, err := exec.LookPath("keymig")
-	if err != nil {
-		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
-	}
+	bin := keymigBin(t)
 	dir := t.TempDir()
 	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
 	newCrashCluster(t, src, 2)
@@ -201,10 +198,7 @@ func TestMigrateSurvivesKills(t *testing.T) {
 // it exits 130, leaves no item between the target call and its commit, and
 // the next run finishes the job.
 func TestMigrateStopsCleanlyOnSIGINT(t *testing.T) {
-	bin, err := exec.LookPath("keymig")
-	if err != nil {
-		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
-	}
+	bin := keymigBin(t)
 	dir := t.TempDir()
 	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
 	newCrashCluster(t, src, 2)
@@ -232,7 +226,7 @@ func TestMigrateStopsCleanlyOnSIGINT(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond)
 	cmd.Process.Signal(os.Interrupt)
-	err = cmd.Wait()
+	err := cmd.Wait()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != exitInterrupted {
 		t.Fatalf("migrate after SIGINT: %v, want exit %d\n%s", err, exitInterrupted, out.String())

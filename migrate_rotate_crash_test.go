@@ -30,10 +30,7 @@ func TestMigrateRotationSurvivesKills(t *testing.T) {
 		records, kills = 4_000, 2
 	}
 	records = envInt("KEYMIG_ROTATE_CRASH_RECORDS", records)
-	bin, err := exec.LookPath("keymig")
-	if err != nil {
-		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
-	}
+	bin := keymigBin(t)
 	dir := t.TempDir()
 	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
 	newCrashCluster(t, src, 2)
@@ -54,6 +51,7 @@ func TestMigrateRotationSurvivesKills(t *testing.T) {
 	var old hsm.KeyInfo
 	withUser(t, src, func(s hsm.Session) {
 		ctx := context.Background()
+		var err error
 		if old, err = s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{
 			Label: "tde", ID: hsm.Bytes("tde-1"),
 			Attrs: map[hsm.Attr]bool{hsm.AttrExtractable: false, hsm.AttrWrap: true, hsm.AttrUnwrap: true},

@@ -147,10 +147,7 @@ func TestSynckeySurvivesKills(t *testing.T) {
 	if testing.Short() {
 		keys, kills = 300, 3
 	}
-	bin, err := exec.LookPath("keymig")
-	if err != nil {
-		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
-	}
+	bin := keymigBin(t)
 	src, dst := newClonePair(t, t.TempDir())
 	want := generateKeys(t, src, "s", keys, nil)
 	// A round trip per HSM call keeps each run long enough to be killed
@@ -243,10 +240,7 @@ func lastLines(s string, n int) string {
 // real process: three runs happen, a key added on the source between runs
 // is copied by the next one, and SIGTERM between runs ends it with exit 0.
 func TestSynckeyEvery(t *testing.T) {
-	bin, err := exec.LookPath("keymig")
-	if err != nil {
-		t.Fatalf("the keymig command testscript puts on PATH is missing: %v", err)
-	}
+	bin := keymigBin(t)
 	src, dst := newClonePair(t, t.TempDir())
 	generateKeys(t, src, "a", 5, nil)
 	pin := crashUser + ":" + crashPass

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -356,6 +355,20 @@ func (m *Migration) lookOnTarget(ctx context.Context, pi plan.Item) (*hsm.KeyInf
 		}
 		return &k, nil
 	}
+	hits, err := m.targetKeys(ctx, pi, "an earlier copy", func(k hsm.KeyInfo, me string) bool {
+		return k.Owner == me && k.Type == pi.Type && plan.Identity(k.ID, k.Label, k.Class, k.Type, k.KCV) == pi.Identity()
+	})
+	if err != nil || len(hits) <= 1 {
+		return first(hits), err
+	}
+	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d copies (%s); delete all but one, then run migrate again",
+		pi.Ref, pi.Label, len(hits), refs(hits)))
+}
+
+// targetKeys lists the target keys with pi's id (or, without one, its
+// label) and class that match, as the target user sees them; what names
+// the search in an error.
+func (m *Migration) targetKeys(ctx context.Context, pi plan.Item, what string, match func(k hsm.KeyInfo, me string) bool) ([]hsm.KeyInfo, error) {
 	f := hsm.Filter{Class: pi.Class}
 	if len(pi.ID) > 0 {
 		f.ID = pi.ID
@@ -365,27 +378,24 @@ func (m *Migration) lookOnTarget(ctx context.Context, pi plan.Item) (*hsm.KeyInf
 	}
 	keys, err := m.dst.ListKeys(ctx, f)
 	if err != nil {
-		return nil, fmt.Errorf("key %s (label %q): looking for an earlier copy on the target: %w", pi.Ref, pi.Label, err)
+		return nil, fmt.Errorf("key %s (label %q): looking for %s on the target: %w", pi.Ref, pi.Label, what, err)
 	}
 	me := m.dst.User().Name
 	var hits []hsm.KeyInfo
 	for _, k := range keys {
-		if k.Owner == me && k.Type == pi.Type && plan.Identity(k.ID, k.Label, k.Class, k.Type, k.KCV) == pi.Identity() {
+		if match(k, me) {
 			hits = append(hits, k)
 		}
 	}
-	switch len(hits) {
-	case 0:
-		return nil, nil
-	case 1:
-		return &hits[0], nil
+	return hits, nil
+}
+
+// first is the first key of ks, or nil.
+func first(ks []hsm.KeyInfo) *hsm.KeyInfo {
+	if len(ks) == 0 {
+		return nil
 	}
-	refs := make([]string, len(hits))
-	for i, k := range hits {
-		refs[i] = k.Ref.String()
-	}
-	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d copies (%s); delete all but one, then run migrate again",
-		pi.Ref, pi.Label, len(hits), strings.Join(refs, ", ")))
+	return &ks[0]
 }
 
 // enoughCoverage reports whether cov is on the HSMs a new key must reach.

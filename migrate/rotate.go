@@ -91,8 +91,8 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 	var rec *rotate.RecordError
 	switch {
 	case errors.As(err, &rec):
-		return it, permanent(fmt.Errorf("key %s (label %q): data-key file %s line %d%s: %v; fix the record and re-plan, or run migrate with --datakeys-on-error skip to set such records aside in %s",
-			pi.Ref, pi.Label, rec.File, rec.Line, idText(rec.ID), rec.Err, RejectsPath(dk)))
+		return it, permanent(fmt.Errorf("key %s (label %q): data-key file %s; fix the record and re-plan, or run migrate with --datakeys-on-error skip to set such records aside in %s",
+			pi.Ref, pi.Label, rec.Problem(), RejectsPath(dk)))
 	case errors.Is(err, rotate.ErrInputChanged):
 		return it, permanent(fmt.Errorf("key %s (label %q): %w", pi.Ref, pi.Label, err))
 	case err != nil:
@@ -120,32 +120,12 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 // its label, id, class and type, owned by the target user, another check
 // value. More than one is an error a person must look at.
 func (m *Migration) findNewMaster(ctx context.Context, pi plan.Item) (*hsm.KeyInfo, error) {
-	f := hsm.Filter{Class: pi.Class}
-	if len(pi.ID) > 0 {
-		f.ID = pi.ID
-	} else {
-		label := pi.Label
-		f.Label = &label
+	hits, err := m.targetKeys(ctx, pi, "its new master", func(k hsm.KeyInfo, me string) bool { return pi.IsNewMaster(k, me) })
+	if err != nil || len(hits) <= 1 {
+		return first(hits), err
 	}
-	keys, err := m.dst.ListKeys(ctx, f)
-	if err != nil {
-		return nil, fmt.Errorf("key %s (label %q): looking for its new master on the target: %w", pi.Ref, pi.Label, err)
-	}
-	me := m.dst.User().Name
-	var hits []hsm.KeyInfo
-	for _, k := range keys {
-		if pi.IsNewMaster(k, me) {
-			hits = append(hits, k)
-		}
-	}
-	switch len(hits) {
-	case 0:
-		return nil, nil
-	case 1:
-		return &hits[0], nil
-	}
-	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); delete the ones no data key was rotated under, then run migrate again",
-		pi.Ref, pi.Label, len(hits), refs(hits)))
+	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); the data keys rotated so far name their master's check value in %s (or its .partial): keep that key, delete the others, then run migrate again",
+		pi.Ref, pi.Label, len(hits), refs(hits), pi.Rotation.Out))
 }
 
 // makeNewMaster generates the new master: the old key's label, id and
@@ -165,11 +145,4 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 	}
 	m.log.Info("made the new master on the target", "key", pi.Ref, "label", pi.Label, "new-master", k.Ref, "kcv", k.KCV.String())
 	return &k, nil
-}
-
-func idText(id string) string {
-	if id == "" {
-		return ""
-	}
-	return fmt.Sprintf(" (id %q)", id)
 }

@@ -173,11 +173,17 @@ type RecordError struct {
 
 // Error names the file, line and id, and says what to do.
 func (e *RecordError) Error() string {
+	return e.Problem() + "; fix the record, or run with --on-error skip to write such records to the rejects file and go on"
+}
+
+// Problem names the file, line and id and says what is wrong, without the
+// advice of Error, for callers whose advice differs (a migration).
+func (e *RecordError) Problem() string {
 	id := ""
 	if e.ID != "" {
 		id = fmt.Sprintf(" (id %q)", e.ID)
 	}
-	return fmt.Sprintf("%s line %d%s: %v; fix the record, or run with --on-error skip to write such records to the rejects file and go on", e.File, e.Line, id, e.Err)
+	return fmt.Sprintf("%s line %d%s: %v", e.File, e.Line, id, e.Err)
 }
 
 // Unwrap returns the record's problem.
