@@ -18,6 +18,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/urfave/cli/v2"
 )
 
@@ -46,6 +47,10 @@ func main() {
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if err := failpoint.Enable(os.Getenv(failpoint.EnvVar)); err != nil {
+		fmt.Fprintf(stderr, "keymig: %v\n", err)
+		return exitError
+	}
 
 	app := newApp(stdin, stdout, stderr)
 	err := app.RunContext(ctx, args)

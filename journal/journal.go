@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/internal/boltgroup"
+	"github.com/keymig/keymig/internal/failpoint"
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
 )
@@ -617,9 +618,15 @@ func (r *Run) Put(it Item) error {
 	if err != nil {
 		return err
 	}
-	return r.j.group.Do(func(tx *bolt.Tx) error {
+	if err := failpoint.Hit(failpoint.JournalBeforeCommit); err != nil {
+		return err
+	}
+	if err := r.j.group.Do(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketItems).Bucket([]byte(r.id)).Put([]byte(it.Key), buf)
-	})
+	}); err != nil {
+		return err
+	}
+	return failpoint.Hit(failpoint.JournalAfterCommit)
 }
 
 // Counts returns how many items are in each state.

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/plan"
 	"github.com/keymig/keymig/runner"
@@ -256,6 +257,9 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 	if err := m.waitCoverage(ctx, pi, target); err != nil {
 		return it, err
 	}
+	if err := failpoint.Hit(failpoint.MigrateBeforeDone); err != nil {
+		return it, err
+	}
 	it.State = runner.StateDone
 	it.Result = target.Ref.String()
 	return it, nil
@@ -266,8 +270,14 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 // makes the next attempt look first.
 func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, commit runner.Commit) (hsm.KeyInfo, error) {
 	act := func() error {
+		if err := failpoint.Hit(failpoint.MigrateAfterSourceExport); err != nil {
+			return err
+		}
 		it.State = StateActing
-		return commit(it)
+		if err := commit(it); err != nil {
+			return err
+		}
+		return failpoint.Hit(failpoint.MigrateAfterActing)
 	}
 	tmpl := template(pi)
 	switch pi.Method {
@@ -283,7 +293,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		if err != nil {
 			return k, fmt.Errorf("key %s (label %q): masked insert into the target: %w", pi.Ref, pi.Label, err)
 		}
-		return k, nil
+		return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 	case plan.MethodPublic:
 		pem, err := m.src.ExportPublicKey(ctx, pi.Ref)
 		if err != nil {
@@ -296,7 +306,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		if err != nil {
 			return k, fmt.Errorf("key %s (label %q): importing the public key into the target: %w", pi.Ref, pi.Label, err)
 		}
-		return k, nil
+		return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 	}
 	if m.tr == nil {
 		return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s: no transport key for method %s", pi.Ref, pi.Method))
@@ -322,7 +332,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 	if err != nil {
 		return k, fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err)
 	}
-	return k, nil
+	return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 }
 
 // template carries the source key's label, id and attributes to the

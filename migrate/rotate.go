@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/plan"
 	"github.com/keymig/keymig/rotate"
@@ -105,6 +106,9 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 	case !rep.Finished:
 		return it, fmt.Errorf("key %s (label %q): the re-encryption of %s did not finish (%d batch(es) failed); it resumes on the next run", pi.Ref, pi.Label, dk.In, max(1, rep.Summary.Failed))
 	}
+	if err := failpoint.Hit(failpoint.MigrateBeforeDone); err != nil {
+		return it, err
+	}
 	m.dataKeys.Add(rep.Rotated)
 	m.dataKeysRejected.Add(rep.Rejected)
 	it.State = runner.StateDone
@@ -135,6 +139,9 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 	if err := commit(it); err != nil {
 		return nil, err
 	}
+	if err := failpoint.Hit(failpoint.MigrateAfterActing); err != nil {
+		return nil, err
+	}
 	k, err := m.dst.GenerateKey(ctx, hsm.KeySpec{Type: pi.Type, Bits: pi.Bits, Template: template(pi)})
 	if errors.Is(err, hsm.ErrExists) && it.Attempts > 1 {
 		// As in move: an earlier attempt's answer may have been lost.
@@ -144,5 +151,5 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 		return nil, fmt.Errorf("key %s (label %q): making the new master on the target: %w", pi.Ref, pi.Label, err)
 	}
 	m.log.Info("made the new master on the target", "key", pi.Ref, "label", pi.Label, "new-master", k.Ref, "kcv", k.KCV.String())
-	return &k, nil
+	return &k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 }

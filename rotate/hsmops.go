@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/runner"
 )
 
@@ -251,6 +252,10 @@ func (l *lane) rewrap(ctx context.Context, from, to hsm.KeyRef, inAlg, outAlg st
 			return nil, &recordError{Err: errUnwrap}
 		}
 		return nil, fmt.Errorf("source cluster %s: unwrap under the old master %s: %w", srcName, from, err)
+	}
+	if err := failpoint.Hit(failpoint.RotateAfterSessionUnwrap); err != nil {
+		drop(ctx, l.src, k1.Ref)
+		return nil, err
 	}
 	if l.srcKEK == 0 { // one cluster: wrap under the new master right here
 		out, err := wrapWith(ctx, l.src, mech(outAlg), to, k1.Ref)

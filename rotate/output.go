@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 )
 
@@ -204,6 +205,9 @@ func (jb *job) finish(r *journal.Run, rep Report, done []*batchResult, placed bo
 		return rep, err
 	}
 	if !placed {
+		if err := failpoint.Hit(failpoint.RotateBeforeRename); err != nil {
+			return rep, err
+		}
 		if rep.Rejected > 0 {
 			if err := os.Rename(rejPath, cfg.Rejects); err != nil {
 				return rep, fmt.Errorf("moving the rejects into place: %w", err)
@@ -215,6 +219,9 @@ func (jb *job) finish(r *journal.Run, rep Report, done []*batchResult, placed bo
 			return rep, fmt.Errorf("moving the output into place: %w", err)
 		}
 		syncDir(filepath.Dir(cfg.Out))
+		if err := failpoint.Hit(failpoint.RotateAfterRename); err != nil {
+			return rep, err
+		}
 	}
 	if rep.Rejected > 0 {
 		rep.Rejects = cfg.Rejects

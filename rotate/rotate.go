@@ -18,6 +18,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
 )
@@ -382,7 +383,13 @@ func (jb *job) run(ctx context.Context, r *journal.Run, rep Report) (Report, err
 			done[b] = &br
 		}
 	}
+	if err := failpoint.Hit(failpoint.RotateBeforeFsync); err != nil {
+		return rep, err
+	}
 	if err := w.close(); err != nil {
+		return rep, err
+	}
+	if err := failpoint.Hit(failpoint.RotateAfterFsync); err != nil {
 		return rep, err
 	}
 	return jb.finish(r, rep, done, false)
@@ -517,6 +524,9 @@ func (jb *job) process(ctx context.Context, it journal.Item, _ runner.Commit) (j
 	}
 	res.Out, res.Rej, err = jb.w.write(b, out, rej)
 	if err != nil {
+		return it, err
+	}
+	if err := failpoint.Hit(failpoint.RotateAfterBatchWrite); err != nil {
 		return it, err
 	}
 	jb.records.Add(int64(res.Rotated))

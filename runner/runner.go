@@ -37,6 +37,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/sourcegraph/conc/pool"
 )
@@ -219,6 +220,10 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 	p := pool.New().WithMaxGoroutines(cfg.Workers)
 dispatch:
 	for _, it := range todo {
+		if err := failpoint.Wait(ctx, failpoint.RunnerBeforeItem); err != nil {
+			fatal = err
+			break
+		}
 		select {
 		case <-ctx.Done():
 			sum.Interrupted = true

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/keymig/keymig/internal/failpoint"
 )
 
 // Schedule is how often Repeat runs a sync.
@@ -17,6 +19,10 @@ type Schedule struct {
 	// Jitter moves each start by up to ±Jitter·Every at random (0 to 0.5),
 	// so that many scheduled syncs do not hit a cluster at the same moment.
 	Jitter float64
+	// Wake, if set, cuts a wait short: a value received while Repeat
+	// sleeps starts the next sync at once (keymig sends one on SIGUSR1).
+	// The period then counts from that sync's start.
+	Wake <-chan struct{}
 }
 
 // ParseJitter reads a jitter given as a percentage ("10%") or a fraction
@@ -83,6 +89,9 @@ func Repeat(ctx context.Context, sc Schedule, log *slog.Logger, run func(context
 		}
 		next := sc.Next(start, time.Now())
 		log.Info("next sync", "at", next.Format(time.RFC3339), "in", time.Until(next).Round(time.Millisecond))
+		if err := failpoint.Wait(ctx, failpoint.SynckeyBetweenSyncs); err != nil {
+			return err
+		}
 		t := time.NewTimer(time.Until(next))
 		select {
 		case <-ctx.Done():
@@ -90,6 +99,9 @@ func Repeat(ctx context.Context, sc Schedule, log *slog.Logger, run func(context
 			log.Info("stopped between syncs", "last-run-clean", err == nil)
 			return err
 		case <-t.C:
+		case <-sc.Wake:
+			t.Stop()
+			log.Info("woken up: syncing now")
 		}
 	}
 }

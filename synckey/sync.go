@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
 )
@@ -456,8 +457,14 @@ func (s *Syncer) process(ctx context.Context, it journal.Item, commit runner.Com
 			return it, err
 		}
 	}
+	if err := failpoint.Hit(failpoint.SynckeyAfterInserting); err != nil {
+		return it, err
+	}
 	if _, err := s.pair.Target.InsertMasked(ctx, blob); err != nil {
 		return it, s.explain(err, name, "masked insert into the target "+s.pair.TargetDir, d)
+	}
+	if err := failpoint.Hit(failpoint.SynckeyAfterInsert); err != nil {
+		return it, err
 	}
 	if err := s.verify(ctx, ref, d, name); err != nil {
 		return it, err
@@ -513,6 +520,9 @@ func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commi
 		if err := commit(it); err != nil {
 			return it, err
 		}
+	}
+	if err := failpoint.Hit(failpoint.SynckeyAfterDeleting); err != nil {
+		return it, err
 	}
 	if err := s.pair.Target.DeleteKey(ctx, ref); err != nil && !errors.Is(err, hsm.ErrNotFound) {
 		if hsm.CodeOf(err) == hsm.CodePermission {

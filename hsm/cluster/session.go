@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 )
 
 // retryLoginAfter is how long a session waits before trying again to log in
@@ -319,7 +320,13 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		}
 	}
 	if len(tokens) > 0 {
+		if err := failpoint.Hit(failpoint.ClusterAfterHomeWrite); err != nil {
+			return nil, err
+		}
 		s.c.replicate(ctx, m, tokens)
+		if err := failpoint.Hit(failpoint.ClusterAfterCopy); err != nil {
+			return nil, err
+		}
 		for i := range infos {
 			if infos[i].Attrs.Token {
 				infos[i].Coverage = s.c.coverageOf(infos[i].Ref)

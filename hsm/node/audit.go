@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/failpoint"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -865,7 +866,10 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 			r.Outcome = "ok"
 		}
 		seq, logErr = n.log.append(&r, n.now)
-		return logErr
+		if logErr != nil {
+			return logErr
+		}
+		return failpoint.Hit(failpoint.NodeAfterAuditAppend)
 	}
 	if fn == nil {
 		appendRecord()
@@ -899,6 +903,9 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 	}
 	n.writing.RUnlock()
 	err := logErr
+	if err == nil && fn != nil {
+		err = failpoint.Hit(failpoint.NodeAfterCommit)
+	}
 	if err == nil {
 		err = n.log.waitDurable(seq)
 	}
