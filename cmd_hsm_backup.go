@@ -120,6 +120,7 @@ type hsmRestoreOptions struct {
 	HSMs                        int
 	AZs                         []string
 	DisableKeyAvailabilityCheck bool
+	KDFIterations               int // 0: the backup's
 	Output                      outputFormat
 }
 
@@ -143,6 +144,7 @@ Example:
 			&cli.IntFlag{Name: "hsms", Value: 1, Usage: "how many HSMs"},
 			&cli.StringSliceFlag{Name: "azs", Usage: "availability zones, comma-separated", DefaultText: "REGIONa,REGIONb,REGIONc"},
 			&cli.BoolFlag{Name: "disable-key-availability-check", Usage: "let token keys be used while on one HSM only (always so with one HSM)"},
+			kdfIterationsFlag("the backup's"),
 			outputFlag(),
 		},
 		Action: func(c *cli.Context) error {
@@ -156,7 +158,7 @@ Example:
 			return runHSMRestore(c.Context, hsmRestoreOptions{
 				Backup: c.String("backup"), Dir: c.String("dir"), Region: c.String("region"),
 				HSMs: c.Int("hsms"), AZs: splitList(c.StringSlice("azs")),
-				DisableKeyAvailabilityCheck: c.Bool("disable-key-availability-check"), Output: out,
+				DisableKeyAvailabilityCheck: c.Bool("disable-key-availability-check"), KDFIterations: c.Int("kdf-iterations"), Output: out,
 			}, e.stdout, e.stderr)
 		},
 	}
@@ -170,12 +172,15 @@ func runHSMRestore(ctx context.Context, o hsmRestoreOptions, stdout, stderr io.W
 	if o.HSMs < 1 {
 		return fmt.Errorf("--hsms %d: a cluster needs at least one HSM", o.HSMs)
 	}
+	if err := checkKDFIterations(o.KDFIterations); err != nil {
+		return err
+	}
 	src, err := cluster.ReadBackupInfo(o.Backup)
 	if err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
 	cl, err := cluster.Restore(ctx, cluster.RestoreOptions{Backup: o.Backup, Dir: o.Dir, Region: o.Region,
-		HSMs: o.HSMs, AZs: o.AZs, DisableKeyAvailabilityCheck: o.DisableKeyAvailabilityCheck})
+		HSMs: o.HSMs, AZs: o.AZs, DisableKeyAvailabilityCheck: o.DisableKeyAvailabilityCheck, KDFIterations: o.KDFIterations})
 	if err != nil {
 		return inCluster(o.Dir, fmt.Errorf("restore %s: %w", o.Backup, err))
 	}

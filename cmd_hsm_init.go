@@ -21,6 +21,7 @@ type hsmInitOptions struct {
 	DisableKeyAvailabilityCheck bool
 	KeyCapacity                 int
 	NonFIPS                     bool
+	KDFIterations               int // 0: the HSMs' default
 	Output                      outputFormat
 	Officer                     hsm.Credentials // the first crypto officer
 }
@@ -49,6 +50,7 @@ Examples:
 			&cli.BoolFlag{Name: "disable-key-availability-check", Usage: "let token keys be used while on one HSM only (always so with one HSM)"},
 			&cli.IntFlag{Name: "key-capacity", Value: 3300, Usage: "most token keys the cluster may hold"},
 			&cli.BoolFlag{Name: "non-fips", Usage: "run the HSMs outside FIPS mode (allows PKCS#1 v1.5 key transport)"},
+			kdfIterationsFlag("100000"),
 			pinFileFlag(),
 			outputFlag(),
 		},
@@ -68,6 +70,7 @@ Examples:
 				DisableKeyAvailabilityCheck: c.Bool("disable-key-availability-check"),
 				KeyCapacity:                 c.Int("key-capacity"),
 				NonFIPS:                     c.Bool("non-fips"),
+				KDFIterations:               c.Int("kdf-iterations"),
 				Output:                      out,
 			}
 			if err := o.validate(); err != nil {
@@ -95,6 +98,23 @@ func (o hsmInitOptions) validate() error {
 	if o.Region == "" {
 		return errors.New("--region must not be empty")
 	}
+	return checkKDFIterations(o.KDFIterations)
+}
+
+// minKDFIterations is the least password hashing cost a cluster may have.
+const minKDFIterations = 1000
+
+// kdfIterationsFlag is --kdf-iterations of hsm init and hsm restore.
+func kdfIterationsFlag(def string) cli.Flag {
+	return &cli.IntFlag{Name: "kdf-iterations", EnvVars: []string{"KEYMIG_KDF_ITERATIONS"}, DefaultText: def,
+		Usage: "PBKDF2-SHA256 iterations of the cluster's password hashes (kept in its policy); lower it only for rehearsals and tests, where logins then cost less"}
+}
+
+// checkKDFIterations refuses a password hashing cost too low to mean anything.
+func checkKDFIterations(n int) error {
+	if n != 0 && n < minKDFIterations {
+		return fmt.Errorf("--kdf-iterations %d: want at least %d (the default is 100000)", n, minKDFIterations)
+	}
 	return nil
 }
 
@@ -112,6 +132,7 @@ func runHSMInit(ctx context.Context, o hsmInitOptions, stdout, stderr io.Writer)
 		KeyCapacity:                 o.KeyCapacity,
 		NonFIPS:                     o.NonFIPS,
 		Officer:                     o.Officer,
+		KDFIterations:               o.KDFIterations,
 	})
 	if err != nil {
 		return inCluster(o.Dir, fmt.Errorf("init: %w", err))

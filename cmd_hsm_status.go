@@ -8,6 +8,7 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/hsm/node"
 	"github.com/urfave/cli/v2"
 )
 
@@ -94,6 +95,11 @@ func runHSMStatus(ctx context.Context, o hsmStatusOptions, stdout, stderr io.Wri
 	if info.Policy.MaxConcurrentOps > 0 {
 		t.row("concurrent operations per HSM:", fmt.Sprint(info.Policy.MaxConcurrentOps))
 	}
+	kdf := info.Policy.KDFIterations
+	if kdf == 0 {
+		kdf = node.DefaultKDFIterations
+	}
+	t.row("password hashing:", fmt.Sprintf("PBKDF2-SHA256, %d iterations", kdf))
 	if err := t.flush(); err != nil {
 		return err
 	}

@@ -183,4 +183,7 @@ type Policy struct {
 	KeyCapacity          int  `json:"key-capacity"`
 	KeyAvailabilityCheck bool `json:"key-availability-check"`
 	MaxConcurrentOps     int  `json:"max-concurrent-ops"` // per HSM
+	// KDFIterations is the PBKDF2-SHA256 cost of password hashes set from
+	// now on; 0 means the HSM's default.
+	KDFIterations int `json:"kdf-iterations,omitempty"`
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/internal/keymigtest"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/migrate"
 	"github.com/keymig/keymig/plan"
@@ -30,6 +31,7 @@ func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) {
 func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
 	t.Helper()
 	ctx := context.Background()
+	keymigtest.CheckAfter(t, dir)
 	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: 2, Officer: officer, KDFIterations: 1000, KeyCapacity: 100000})
 	if err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/internal/keymigtest"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/rotate"
 )
@@ -26,6 +27,7 @@ var (
 func testCluster(t testing.TB, dir string, hsms, sessions int) (*cluster.Cluster, []hsm.Session) {
 	t.Helper()
 	ctx := context.Background()
+	keymigtest.CheckAfter(t, dir)
 	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: hsms, Officer: officer, KDFIterations: 1000})
 	if err != nil {
 		t.Fatal(err)

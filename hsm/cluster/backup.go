@@ -326,7 +326,7 @@ type RestoreOptions struct {
 	HSMs                        int      // default 1
 	AZs                         []string // default region+"a", "b", "c"
 	DisableKeyAvailabilityCheck bool     // a 1-HSM clone always has the check disabled
-	KDFIterations               int      // password hashing cost; 0 = default
+	KDFIterations               int      // password hashing cost; 0 = the backup's policy
 }
 
 // Restore makes a clone from a backup: a new cluster, with a new id, in
@@ -360,11 +360,17 @@ func Restore(ctx context.Context, o RestoreOptions) (*Cluster, error) {
 		Policy:  h.Policy,
 	}
 	cfg.Policy.KeyAvailabilityCheck = !o.DisableKeyAvailabilityCheck && o.HSMs > 1
+	if o.KDFIterations != 0 {
+		if o.KDFIterations < 0 {
+			return nil, hsm.Errorf(hsm.CodeInvalidInput, "restore", 0, "%d password hashing iterations: want a positive number, or 0 for the backup's", o.KDFIterations)
+		}
+		cfg.Policy.KDFIterations = o.KDFIterations
+	}
 	azs := defaultAZs(cfg.Region, o.AZs)
 	for i := range o.HSMs {
 		cfg.HSMs = append(cfg.HSMs, hsmConfig{ID: "hsm-" + randomID(), AZ: azs[i%len(azs)]})
 	}
-	c, err := create(ctx, o.Dir, cfg, secret, o.KDFIterations, func(ctx context.Context, m Member) error {
+	c, err := create(ctx, o.Dir, cfg, secret, func(ctx context.Context, m Member) error {
 		return m.RestoreSnapshot(ctx, snap)
 	})
 	if err != nil {

@@ -99,7 +99,10 @@ type InitOptions struct {
 	MaxConcurrentOps            int             // per HSM; 0 = the HSM's default
 	NonFIPS                     bool            // default is FIPS mode
 	Officer                     hsm.Credentials // first crypto officer, created on every HSM
-	KDFIterations               int             // password hashing cost; 0 = default, tests lower it
+	// KDFIterations is the cluster's password hashing cost (PBKDF2-SHA256
+	// iterations), kept in its policy; 0 = the HSMs' default. Rehearsals
+	// and tests lower it to make logins cheap.
+	KDFIterations int
 }
 
 // OpenOptions tune how a cluster directory is opened.
@@ -107,8 +110,7 @@ type OpenOptions struct {
 	// LockTimeout is how long to wait for another keymig process that holds
 	// the directory; default 10s. The error names the directory and the
 	// holder (pid, host, command, since).
-	LockTimeout   time.Duration
-	KDFIterations int // must match the value given to Init or Restore, if any
+	LockTimeout time.Duration
 }
 
 // Stats counts what the cluster client did to hide failures.
@@ -158,7 +160,6 @@ var defaultRetry = retryPolicy{
 type Cluster struct {
 	dir   string
 	lock  *dirLock
-	kdf   int
 	retry retryPolicy
 	stats counters
 	notes []string
@@ -200,6 +201,9 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 	if o.KeyCapacity < 0 {
 		return nil, hsm.Errorf(hsm.CodeInvalidInput, "init", 0, "key capacity %d must be positive", o.KeyCapacity)
 	}
+	if o.KDFIterations < 0 {
+		return nil, hsm.Errorf(hsm.CodeInvalidInput, "init", 0, "%d password hashing iterations: want a positive number, or 0 for the default", o.KDFIterations)
+	}
 	cfg := config{
 		Format:  1,
 		Region:  orDefault(o.Region, DefaultRegion),
@@ -211,6 +215,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 			KeyCapacity:          o.KeyCapacity,
 			KeyAvailabilityCheck: !o.DisableKeyAvailabilityCheck && o.HSMs > 1,
 			MaxConcurrentOps:     o.MaxConcurrentOps,
+			KDFIterations:        o.KDFIterations,
 		},
 	}
 	azs := defaultAZs(cfg.Region, o.AZs)
@@ -223,7 +228,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 	}
 	defer clear(secret)
 
-	c, err = create(ctx, o.Dir, cfg, secret, o.KDFIterations, func(ctx context.Context, m Member) error {
+	c, err = create(ctx, o.Dir, cfg, secret, func(ctx context.Context, m Member) error {
 		return m.Bootstrap(ctx, o.Officer)
 	})
 	if err != nil {
@@ -238,7 +243,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 // create makes the directory, takes its lock, creates every HSM of cfg
 // with the lineage secret, fills each with fill, and writes cluster.json
 // last, so that a directory without it is not a cluster.
-func create(ctx context.Context, dir string, cfg config, secret []byte, kdf int, fill func(context.Context, Member) error) (c *Cluster, err error) {
+func create(ctx context.Context, dir string, cfg config, secret []byte, fill func(context.Context, Member) error) (c *Cluster, err error) {
 	if err := ensureEmptyDir(dir); err != nil {
 		return nil, err
 	}
@@ -246,7 +251,7 @@ func create(ctx context.Context, dir string, cfg config, secret []byte, kdf int,
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{dir: dir, lock: lock, kdf: kdf, retry: defaultRetry, cfg: cfg, secret: bytes.Clone(secret)}
+	c = &Cluster{dir: dir, lock: lock, retry: defaultRetry, cfg: cfg, secret: bytes.Clone(secret)}
 	c.keys.init()
 	defer func() {
 		if err != nil {
@@ -258,7 +263,7 @@ func create(ctx context.Context, dir string, cfg config, secret []byte, kdf int,
 		}
 	}()
 	for _, h := range cfg.HSMs {
-		m, err := createMember(dir, cfg, h, secret, kdf)
+		m, err := createMember(dir, cfg, h, secret)
 		if err != nil {
 			return c, err
 		}
@@ -278,7 +283,7 @@ func create(ctx context.Context, dir string, cfg config, secret []byte, kdf int,
 }
 
 // createMember creates the bbolt file of one new HSM.
-func createMember(dir string, cfg config, h hsmConfig, secret []byte, kdf int) (Member, error) {
+func createMember(dir string, cfg config, h hsmConfig, secret []byte) (Member, error) {
 	n, err := node.Create(hsmPath(dir, h.ID), node.Options{
 		ID:               h.ID,
 		AZ:               h.AZ,
@@ -287,7 +292,7 @@ func createMember(dir string, cfg config, h hsmConfig, secret []byte, kdf int) (
 		FIPS:             cfg.Policy.FIPS,
 		KeyCapacity:      cfg.Policy.KeyCapacity,
 		MaxConcurrentOps: cfg.Policy.MaxConcurrentOps,
-		KDFIterations:    kdf,
+		KDFIterations:    cfg.Policy.KDFIterations,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: create HSM %s: %w", cfg.ID, h.ID, err)
@@ -309,7 +314,7 @@ func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{dir: dir, lock: lock, kdf: o.KDFIterations, retry: defaultRetry}
+	c = &Cluster{dir: dir, lock: lock, retry: defaultRetry}
 	c.keys.init()
 	defer func() {
 		if err != nil {
@@ -327,7 +332,7 @@ func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error
 		return c, err
 	}
 	for _, h := range cfg.HSMs {
-		n, err := node.Open(hsmPath(dir, h.ID), node.OpenOptions{Timeout: o.LockTimeout, KDFIterations: o.KDFIterations})
+		n, err := node.Open(hsmPath(dir, h.ID), node.OpenOptions{Timeout: o.LockTimeout, KDFIterations: cfg.Policy.KDFIterations})
 		if err != nil {
 			return c, fmt.Errorf("cluster %s: open HSM %s: %w", cfg.ID, h.ID, err)
 		}

@@ -30,7 +30,7 @@ func TestInitOpenInfo(t *testing.T) {
 	dir := c.Dir()
 	c.Close()
 
-	c2, err := Open(ctx, dir, OpenOptions{KDFIterations: testKDF})
+	c2, err := Open(ctx, dir, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestDirLock(t *testing.T) {
 	c := newCluster(t, 1)
 	dir := c.Dir()
 	start := time.Now()
-	_, err := Open(ctx, dir, OpenOptions{LockTimeout: 150 * time.Millisecond, KDFIterations: testKDF})
+	_, err := Open(ctx, dir, OpenOptions{LockTimeout: 150 * time.Millisecond})
 	if err == nil {
 		t.Fatal("second Open of the same directory in one process succeeded")
 	}
@@ -83,7 +83,7 @@ func TestDirLock(t *testing.T) {
 		}
 	}
 	c.Close()
-	c2, err := Open(ctx, dir, OpenOptions{LockTimeout: time.Second, KDFIterations: testKDF})
+	c2, err := Open(ctx, dir, OpenOptions{LockTimeout: time.Second})
 	if err != nil {
 		t.Fatalf("Open after Close: %v", err)
 	}
@@ -93,7 +93,7 @@ func TestDirLock(t *testing.T) {
 func TestInitRefusesNonEmptyDir(t *testing.T) {
 	dir := t.TempDir()
 	os.WriteFile(filepath.Join(dir, "x"), []byte("x"), 0o600)
-	_, err := Init(context.Background(), InitOptions{Dir: dir, Officer: officer, KDFIterations: testKDF})
+	_, err := Init(context.Background(), InitOptions{Dir: dir, Officer: officer})
 	if !errors.Is(err, hsm.ErrExists) {
 		t.Fatalf("Init into non-empty dir: %v", err)
 	}
@@ -250,7 +250,7 @@ func TestFaultsAppliedAtOpen(t *testing.T) {
 	if !f[ids[0]].Down {
 		t.Fatalf("Faults = %v", f)
 	}
-	c2, err := Open(ctx, dir, OpenOptions{KDFIterations: testKDF})
+	c2, err := Open(ctx, dir, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +276,7 @@ func TestInfoCountsKeysWithoutLogin(t *testing.T) {
 	genAES(t, s, "b", nil)
 	dir := c.Dir()
 	c.Close()
-	c2, err := Open(context.Background(), dir, OpenOptions{KDFIterations: testKDF})
+	c2, err := Open(context.Background(), dir, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/keymigtest"
 )
 
 const testKDF = 16
@@ -21,7 +22,7 @@ var (
 // users alice and bob, and closes it at the end of the test.
 func newCluster(t testing.TB, n int, mod ...func(*InitOptions)) *Cluster {
 	t.Helper()
-	o := InitOptions{Dir: filepath.Join(t.TempDir(), "cluster"), HSMs: n, Officer: officer, KDFIterations: testKDF}
+	o := InitOptions{Dir: filepath.Join(keymigtest.TempDir(t), "cluster"), HSMs: n, Officer: officer, KDFIterations: testKDF}
 	for _, f := range mod {
 		f(&o)
 	}

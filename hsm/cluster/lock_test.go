@@ -19,7 +19,7 @@ func TestLockHelperProcess(t *testing.T) {
 	if dir == "" {
 		t.Skip("helper process only")
 	}
-	c, err := Open(context.Background(), dir, OpenOptions{KDFIterations: testKDF})
+	c, err := Open(context.Background(), dir, OpenOptions{})
 	if err != nil {
 		fmt.Println("error:", err)
 		os.Exit(1)
@@ -48,7 +48,7 @@ func TestDirLockOtherProcess(t *testing.T) {
 	if strings.TrimSpace(line) != "locked" {
 		t.Fatalf("helper said %q", line)
 	}
-	_, err := Open(context.Background(), dir, OpenOptions{LockTimeout: 200 * time.Millisecond, KDFIterations: testKDF})
+	_, err := Open(context.Background(), dir, OpenOptions{LockTimeout: 200 * time.Millisecond})
 	if err == nil {
 		t.Fatal("Open of a directory another process holds succeeded")
 	}
@@ -61,7 +61,7 @@ func TestDirLockOtherProcess(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("helper: %v", err)
 	}
-	c2, err := Open(context.Background(), dir, OpenOptions{LockTimeout: 2 * time.Second, KDFIterations: testKDF})
+	c2, err := Open(context.Background(), dir, OpenOptions{LockTimeout: 2 * time.Second})
 	if err != nil {
 		t.Fatalf("Open after the other process left: %v", err)
 	}

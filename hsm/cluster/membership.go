@@ -38,7 +38,7 @@ func (c *Cluster) AddHSM(ctx context.Context, az string) (hsm.HSMInfo, error) {
 		az = leastUsedAZ(cfg)
 	}
 	h := hsmConfig{ID: "hsm-" + randomID(), AZ: az}
-	m, err := createMember(c.dir, cfg, h, secret, c.kdf)
+	m, err := createMember(c.dir, cfg, h, secret)
 	if err != nil {
 		return hsm.HSMInfo{}, err
 	}

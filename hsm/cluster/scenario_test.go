@@ -303,7 +303,7 @@ func TestAddRemoveHSM(t *testing.T) {
 	}
 	dir := c.Dir()
 	c.Close()
-	c2, err := Open(ctx, dir, OpenOptions{KDFIterations: testKDF})
+	c2, err := Open(ctx, dir, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
