@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/keymig/keymig/hsm"
@@ -70,7 +72,8 @@ from KEYMIG_SOURCE_PIN and KEYMIG_TARGET_PIN, --source-pin-file and
 --every D repeats the sync every D (± --jitter) until SIGTERM or Ctrl-C:
 between runs it stops at once; during a run it lets the keys in flight
 finish and stops (the next sync resumes the rest). A run that cannot reach
-a cluster fails with the reason and the next tick tries again.
+a cluster fails with the reason and the next tick tries again. kill -USR1
+PID starts the next sync at once instead of at the next tick.
 
 Exit status: 0 every syncable key is in place (the last run, with --every),
 1 a key or the run failed, 2 (--dry-run) keys to copy or delete,
@@ -216,7 +219,27 @@ func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io
 		return once(ctx)
 	}
 	e.log.Info("scheduled sync", "source", o.SourceDir, "target", o.TargetDir, "every", o.Every, "jitter", fmt.Sprintf("%.0f%%", 100*jitter), "journal", o.Journal)
-	return synckey.Repeat(ctx, synckey.Schedule{Every: o.Every, Jitter: jitter}, e.log, once)
+	wake, stopWake := wakeOnSIGUSR1()
+	defer stopWake()
+	return synckey.Repeat(ctx, synckey.Schedule{Every: o.Every, Jitter: jitter, Wake: wake}, e.log, once)
+}
+
+// wakeOnSIGUSR1 turns SIGUSR1 into a wake-up of a scheduled sync: "sync
+// now" without waiting for the next tick. A signal during a run makes the
+// next wait end at once.
+func wakeOnSIGUSR1() (<-chan struct{}, func()) {
+	wake := make(chan struct{}, 1)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR1)
+	go func() {
+		for range sig {
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return wake, func() { signal.Stop(sig); close(sig) }
 }
 
 func absPath(p string) string {
