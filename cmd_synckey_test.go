@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/keymigtest"
+	"github.com/keymig/keymig/internal/testcluster"
 	"github.com/urfave/cli/v2"
 )
 
@@ -223,9 +225,9 @@ func TestSynckeyRefusesBadOptions(t *testing.T) {
 // command does: a dry run (changes pending), a sync, a second sync with
 // nothing to do.
 func TestRunSynckeyInProcess(t *testing.T) {
-	src, dst := newClonePair(t, t.TempDir())
-	generateKeys(t, src, "p", 4, map[hsm.Attr]bool{hsm.AttrExtractable: false})
-	pin := crashUser + ":" + crashPass
+	src, dst := testcluster.ClonePair(t, keymigtest.TempDir(t))
+	testcluster.GenerateAES(t, src, "p", 4, map[hsm.Attr]bool{hsm.AttrExtractable: false})
+	pin := testcluster.PIN
 	e := &env{stdout: io.Discard, stderr: io.Discard, getenv: func(k string) string {
 		if k == envSourcePIN || k == envTargetPIN {
 			return pin

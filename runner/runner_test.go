@@ -157,7 +157,7 @@ func TestInterruptCommitsInFlight(t *testing.T) {
 		if err := commit(it); err != nil {
 			return it, err
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(time.Millisecond) // an HSM call in flight when the stop comes; not a wait
 		if wctx.Err() != nil {
 			return it, wctx.Err()
 		}

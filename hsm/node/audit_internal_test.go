@@ -119,7 +119,7 @@ func TestAuditHeadFollowsIdleLog(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("head %+v, last record %d", readHeadOf(t, n), last)
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond) // polling for the head the flusher writes; the deadline only ends a hang
 	}
 	if got, err := n.VerifyAudit(); err != nil || uint64(got) != last {
 		t.Errorf("VerifyAudit: %d, %v", got, err)

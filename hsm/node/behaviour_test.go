@@ -76,7 +76,7 @@ func TestPersistence(t *testing.T) {
 		t.Error("Create over an existing file succeeded")
 	}
 
-	n2, err := node.Open(path, node.OpenOptions{KDFIterations: testKDF})
+	n2, err := node.Open(path, node.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,7 +251,7 @@ func TestAuditTamper(t *testing.T) {
 			reopen := func() {
 				t.Helper()
 				var err error
-				if cur, err = node.Open(path, node.OpenOptions{KDFIterations: testKDF}); err != nil {
+				if cur, err = node.Open(path, node.OpenOptions{}); err != nil {
 					t.Fatal(err)
 				}
 				t.Cleanup(func() { cur.Close() })
@@ -296,7 +296,7 @@ func TestAuditTornLine(t *testing.T) {
 	if err := os.WriteFile(node.AuditPath(path), torn, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	n2, err := node.Open(path, node.OpenOptions{KDFIterations: testKDF})
+	n2, err := node.Open(path, node.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -377,7 +377,7 @@ func TestAuditConcurrent(t *testing.T) {
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
 	}
-	n2, err := node.Open(path, node.OpenOptions{KDFIterations: testKDF})
+	n2, err := node.Open(path, node.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
