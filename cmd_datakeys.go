@@ -7,9 +7,9 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"time"
 
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/rotate"
 	"github.com/keymig/keymig/runner"
 	"github.com/urfave/cli/v2"
@@ -107,20 +107,11 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions, stdout,
 	defer oc.close(ctx)
 
 	// Written beside --out and moved into place only when complete.
-	dir, base := filepath.Split(o.Out)
-	if dir == "" {
-		dir = "."
-	}
-	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	tmp, err := atomicfile.New(o.Out, 0o600)
 	if err != nil {
-		return fmt.Errorf("cannot create a file next to %s: %w", o.Out, err)
+		return err
 	}
-	defer func() {
-		if tmp != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
+	defer tmp.Abort()
 	var progress runner.Progress
 	if !o.NoProgress {
 		progress = runner.NewProgress(stderr, isTerminal(stderr), e.log, "data keys", 5*time.Second)
@@ -141,17 +132,13 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions, stdout,
 		}
 		return err
 	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("cannot write %s: %w", o.Out, err)
+	commit := tmp.CommitNew
+	if o.Force {
+		commit = tmp.Commit
 	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("cannot write %s: %w", o.Out, err)
+	if err := commit(); err != nil {
+		return err
 	}
-	if err := os.Rename(tmp.Name(), o.Out); err != nil {
-		return fmt.Errorf("cannot create %s: %w", o.Out, err)
-	}
-	tmp = nil
-	syncDir(dir)
 	el := time.Since(start)
 	fmt.Fprintf(stdout, "%s wrapped under %q (%s, kcv %s) with %s → %s in %s (%.0f/s)\n",
 		plural(o.Count, "data key"), m.Label, m.Ref, m.KCV, alg, o.Out, el.Round(time.Millisecond), float64(o.Count)/el.Seconds())

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/internal/boltgroup"
 	"github.com/keymig/keymig/internal/failpoint"
 	bolt "go.etcd.io/bbolt"
@@ -250,11 +251,10 @@ func (j *Journal) Close() error {
 func sidecarPath(path string) string { return path + ".lock" }
 
 func writeSidecar(path string, rec []byte) error {
-	tmp := sidecarPath(path) + ".tmp"
-	if err := os.WriteFile(tmp, rec, 0o600); err != nil {
+	if err := atomicfile.WriteFile(sidecarPath(path), rec, 0o600); err != nil {
 		return fmt.Errorf("journal lock file: %w", err)
 	}
-	return os.Rename(tmp, sidecarPath(path))
+	return nil
 }
 
 func readSidecar(path string) *Lock {

@@ -7,9 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"sync"
 
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 )
@@ -215,10 +215,9 @@ func (jb *job) finish(r *journal.Run, rep Report, done []*batchResult, placed bo
 		} else {
 			os.Remove(rejPath)
 		}
-		if err := os.Rename(outPath, cfg.Out); err != nil {
+		if err := atomicfile.Rename(outPath, cfg.Out); err != nil {
 			return rep, fmt.Errorf("moving the output into place: %w", err)
 		}
-		syncDir(filepath.Dir(cfg.Out))
 		if err := failpoint.Hit(failpoint.RotateAfterRename); err != nil {
 			return rep, err
 		}
@@ -228,13 +227,4 @@ func (jb *job) finish(r *journal.Run, rep Report, done []*batchResult, placed bo
 	}
 	rep.Finished = true
 	return rep, nil
-}
-
-// syncDir makes a rename durable; failing only weakens durability after a
-// power cut, so it is not reported.
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/atomicfile"
 )
 
 // backupsDir holds a copy of every backup of the cluster.
@@ -299,13 +300,13 @@ func (c *Cluster) backup(ctx context.Context, out string) (BackupInfo, []byte, e
 	if err := os.MkdirAll(filepath.Dir(kept), 0o700); err != nil {
 		return BackupInfo{}, nil, err
 	}
-	if err := writeFileAtomic(kept, data, 0o600); err != nil {
+	if err := atomicfile.WriteFile(kept, data, 0o600); err != nil {
 		return BackupInfo{}, nil, err
 	}
 	info := h.BackupInfo
 	info.Path = kept
 	if out != "" {
-		if err := writeFileAtomic(out, data, 0o600); err != nil {
+		if err := atomicfile.WriteFile(out, data, 0o600); err != nil {
 			return BackupInfo{}, nil, err
 		}
 		info.Path = out

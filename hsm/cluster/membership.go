@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/hsm/node"
 )
 
@@ -102,7 +103,7 @@ func (c *Cluster) RemoveHSM(ctx context.Context, id string) error {
 			_ = writeJSONAtomic(c.dir+"/"+faultsFile, fs, 0o644)
 		}
 	}
-	return syncDir(c.dir)
+	return atomicfile.SyncDir(c.dir)
 }
 
 func leastUsedAZ(cfg config) string {

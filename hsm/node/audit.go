@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/internal/failpoint"
 	bolt "go.etcd.io/bbolt"
 )
@@ -203,7 +204,7 @@ func openAuditLog(db *bolt.DB, path string) (*auditLog, error) {
 	if errors.Is(statErr, os.ErrNotExist) {
 		// Deleted: start it again. The chain continues after the head,
 		// so VerifyAudit reports the records that are gone.
-		if err := syncDir(filepath.Dir(path)); err != nil {
+		if err := atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 			f.Close()
 			return nil, err
 		}
@@ -315,12 +316,11 @@ func lastNewline(f *os.File, end int64) (int64, error) {
 // or reordered records stay that way, so VerifyAudit still reports them.
 // Interrupted, it starts over: the bucket goes only once the file is safe.
 func migrateLegacyAudit(db *bolt.DB, path string) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	f, err := atomicfile.New(path, 0o600)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp) // no-op after the rename
+	defer f.Abort()
 	w := bufio.NewWriter(f)
 	err = db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bktAudit).ForEach(func(_, v []byte) error {
@@ -338,18 +338,9 @@ func migrateLegacyAudit(db *bolt.DB, path string) error {
 		err = w.Flush()
 	}
 	if err == nil {
-		err = fdatasync(f)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
+		err = f.Commit()
 	}
 	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
 		return err
 	}
 	return db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(bktAudit) })
@@ -588,19 +579,6 @@ func (l *auditLog) close() error {
 		err = cerr
 	}
 	return err
-}
-
-// syncDir fsyncs a directory so that a file created in it is durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync directory %s: %w", dir, err)
-	}
-	return nil
 }
 
 // Reading ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/internal/boltgroup"
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
@@ -190,7 +191,7 @@ func Create(path string, o Options) (*Node, error) {
 		return meta.Put(metaLineage, seal(storage, o.LineageSecret, metaLineage))
 	})
 	if err == nil {
-		err = syncDir(filepath.Dir(path))
+		err = atomicfile.SyncDir(filepath.Dir(path))
 	}
 	if err != nil {
 		db.Close()
