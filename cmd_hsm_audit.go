@@ -8,8 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
-	"github.com/keymig/keymig/hsm/node"
 	"github.com/urfave/cli/v2"
 )
 
@@ -68,7 +68,7 @@ read the cluster directory and need no PIN.`,
 // auditRecord is one audit record with the HSM that wrote it.
 type auditRecord struct {
 	HSM string `json:"hsm-id"`
-	node.AuditRecord
+	hsm.AuditRecord
 }
 
 // runHSMAuditShow prints audit records, HSM by HSM, in sequence order.
@@ -92,7 +92,7 @@ func runHSMAuditShow(ctx context.Context, o hsmAuditOptions, stdout, stderr io.W
 	}
 	var recs []auditRecord
 	for _, id := range ids {
-		err := cl.AuditRecords(ctx, id, func(r node.AuditRecord) error {
+		err := cl.AuditRecords(ctx, id, func(r hsm.AuditRecord) error {
 			recs = append(recs, auditRecord{HSM: id, AuditRecord: r})
 			return nil
 		})

@@ -2,12 +2,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"sort"
 	"time"
 
@@ -119,7 +116,7 @@ func runHSMFault(ctx context.Context, o hsmFaultOptions, stdout, stderr io.Write
 			f := current[id]
 			switch {
 			case o.Clear:
-				f = cluster.Fault{}
+				f = hsm.Fault{}
 			case o.Down:
 				f.Down = true
 			case o.Up:
@@ -212,22 +209,11 @@ func hsmIDs(hsms []hsm.HSMInfo) string {
 // clusterHSMs reads the HSMs and their zones from DIR/cluster.json without
 // opening the cluster (no lock, no HSM files), so that faults can be set
 // while another process uses the cluster, or while an HSM's file is broken.
-// It relies only on the "hsms" list, whose entries use hsm.HSMInfo's field
-// names.
 func clusterHSMs(dir string) ([]hsm.HSMInfo, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
+	info, err := cluster.ReadInfo(dir)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("%s is not a cluster directory (no cluster.json); make one with `keymig hsm init`", dir)
-		}
 		return nil, inCluster(dir, err)
 	}
-	var cfg struct {
-		HSMs []hsm.HSMInfo `json:"hsms"`
-	}
-	if err := json.Unmarshal(b, &cfg); err != nil {
-		return nil, fmt.Errorf("cluster %s: cluster.json is damaged: %w", dir, err)
-	}
-	sort.SliceStable(cfg.HSMs, func(i, j int) bool { return cfg.HSMs[i].AZ < cfg.HSMs[j].AZ })
-	return cfg.HSMs, nil
+	sort.SliceStable(info.HSMs, func(i, j int) bool { return info.HSMs[i].AZ < info.HSMs[j].AZ })
+	return info.HSMs, nil
 }

@@ -54,7 +54,7 @@ type faultReport struct {
 }
 
 // newFaultReport converts a cluster fault for printing.
-func newFaultReport(f cluster.Fault) faultReport {
+func newFaultReport(f hsm.Fault) faultReport {
 	return faultReport{Down: f.Down, Throttle: f.Throttle, Latency: f.Latency.String(), FailNext: f.FailNext}
 }
 

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
 	"github.com/keymig/keymig/synckey"
@@ -119,17 +119,14 @@ Examples:
 // directory, named after the source cluster, so that each source synced
 // into a target has its own journal and lock.
 func synckeyJournalPath(sourceDir, targetDir string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(sourceDir, "cluster.json"))
+	info, err := cluster.ReadInfo(sourceDir)
 	if err != nil {
-		return "", fmt.Errorf("source cluster %s: %w (is it a cluster directory made by keymig hsm init or restore?)", sourceDir, err)
+		return "", fmt.Errorf("source cluster %s: %w", sourceDir, err)
 	}
-	var cfg struct {
-		ID string `json:"cluster-id"`
-	}
-	if err := json.Unmarshal(b, &cfg); err != nil || cfg.ID == "" || strings.ContainsAny(cfg.ID, `/\`) {
+	if strings.ContainsAny(info.ID, `/\`) {
 		return "", fmt.Errorf("source cluster %s: cluster.json has no usable cluster id; pass --journal FILE", sourceDir)
 	}
-	return filepath.Join(targetDir, "synckey-"+cfg.ID+".journal"), nil
+	return filepath.Join(targetDir, "synckey-"+info.ID+".journal"), nil
 }
 
 func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io.Writer) error {

@@ -184,12 +184,12 @@ func TestSynckeyJournalPath(t *testing.T) {
 	if _, err := synckeyJournalPath(src, dst); err == nil || !strings.Contains(err.Error(), src) {
 		t.Fatalf("no cluster.json: %v, want an error naming %s", err, src)
 	}
-	os.WriteFile(filepath.Join(src, "cluster.json"), []byte(`{"cluster-id": "cluster-abc"}`), 0o600)
+	os.WriteFile(filepath.Join(src, "cluster.json"), []byte(`{"cluster-id": "cluster-abc", "hsms": [{"hsm-id": "hsm-1"}]}`), 0o600)
 	got, err := synckeyJournalPath(src, dst)
 	if err != nil || got != filepath.Join(dst, "synckey-cluster-abc.journal") {
 		t.Fatalf("got %q, %v", got, err)
 	}
-	os.WriteFile(filepath.Join(src, "cluster.json"), []byte(`{"cluster-id": "../x"}`), 0o600)
+	os.WriteFile(filepath.Join(src, "cluster.json"), []byte(`{"cluster-id": "../x", "hsms": [{"hsm-id": "hsm-1"}]}`), 0o600)
 	if _, err := synckeyJournalPath(src, dst); err == nil || !strings.Contains(err.Error(), "--journal") {
 		t.Fatalf("a cluster id with a slash: %v, want an error suggesting --journal", err)
 	}

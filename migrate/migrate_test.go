@@ -111,7 +111,7 @@ func TestMigrateUnderFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	throttle := cluster.Fault{Throttle: 0.2}
+	throttle := hsm.Fault{Throttle: 0.2}
 	for _, c := range []*cluster.Cluster{srcC, dstC} {
 		if err := c.SetFault(cluster.AllHSMs, throttle); err != nil {
 			t.Fatal(err)
@@ -123,7 +123,7 @@ func TestMigrateUnderFaults(t *testing.T) {
 		// Keys made while it is down wait for it to come back: bring it
 		// back by time, not by progress.
 		if done.Add(1) == n/3 {
-			dstC.SetFault(down, cluster.Fault{Down: true, Throttle: 0.2})
+			dstC.SetFault(down, hsm.Fault{Down: true, Throttle: 0.2})
 			time.AfterFunc(500*time.Millisecond, func() { dstC.SetFault(down, throttle) })
 		}
 	}
@@ -137,7 +137,7 @@ func TestMigrateUnderFaults(t *testing.T) {
 		t.Fatalf("summary %+v: %s", rep.Summary, runner.FormatFailures(rep.Summary.Failures, 5))
 	}
 	for _, c := range []*cluster.Cluster{srcC, dstC} {
-		c.SetFault(cluster.AllHSMs, cluster.Fault{})
+		c.SetFault(cluster.AllHSMs, hsm.Fault{})
 	}
 	t.Logf("retries by the runner: %d; cluster stats: source %+v, target %+v", rep.Summary.Retries, srcC.Stats(), dstC.Stats())
 

@@ -4,7 +4,7 @@ import (
 	"context"
 	"sync"
 
-	"github.com/keymig/keymig/hsm/node"
+	"github.com/keymig/keymig/hsm"
 )
 
 // AuditReport is the result of checking one HSM's audit log.
@@ -35,7 +35,7 @@ func (c *Cluster) VerifyAudit(ctx context.Context) ([]AuditReport, error) {
 }
 
 // AuditRecords calls fn for every audit record of HSM hsmID, in order.
-func (c *Cluster) AuditRecords(ctx context.Context, hsmID string, fn func(node.AuditRecord) error) error {
+func (c *Cluster) AuditRecords(ctx context.Context, hsmID string, fn func(hsm.AuditRecord) error) error {
 	m := c.memberByID(hsmID)
 	if m == nil {
 		c.mu.RLock()

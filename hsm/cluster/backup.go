@@ -328,6 +328,7 @@ type RestoreOptions struct {
 	AZs                         []string // default region+"a", "b", "c"
 	DisableKeyAvailabilityCheck bool     // a 1-HSM clone always has the check disabled
 	KDFIterations               int      // password hashing cost; 0 = the backup's policy
+	Members                     Opener   // makes the HSMs; nil means LocalHSMs
 }
 
 // Restore makes a clone from a backup: a new cluster, with a new id, in
@@ -371,7 +372,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Cluster, error) {
 	for i := range o.HSMs {
 		cfg.HSMs = append(cfg.HSMs, hsmConfig{ID: "hsm-" + randomID(), AZ: azs[i%len(azs)]})
 	}
-	c, err := create(ctx, o.Dir, cfg, secret, func(ctx context.Context, m Member) error {
+	c, err := create(ctx, o.Dir, cfg, secret, o.Members, func(ctx context.Context, m Member) error {
 		return m.RestoreSnapshot(ctx, snap)
 	})
 	if err != nil {

@@ -28,7 +28,7 @@ func BenchmarkClusterLatency(b *testing.B) {
 	}
 	unwrapReq := hsm.UnwrapRequest{Mechanism: hsm.MechAESKWP, UnwrappingKey: kek.Ref, Blob: blob,
 		Class: hsm.ClassSecret, Type: hsm.TypeAES, Template: hsm.Template{Label: "unwrapped", Session: true}}
-	if err := c.SetFault(AllHSMs, Fault{Latency: time.Millisecond}); err != nil {
+	if err := c.SetFault(AllHSMs, hsm.Fault{Latency: time.Millisecond}); err != nil {
 		b.Fatal(err)
 	}
 	ops := []struct {

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/hsm/node"
 )
 
 // configFile is the cluster's description: id, region, lineage, HSMs,
@@ -81,10 +80,6 @@ func (cfg *config) clone() config {
 	return c
 }
 
-// hsmPath is the bbolt file of HSM id in dir; its audit log is
-// node.AuditPath of it.
-func hsmPath(dir, id string) string { return filepath.Join(dir, id+".db") }
-
 // InitOptions describe a new cluster.
 type InitOptions struct {
 	Dir    string   // new cluster directory; must not exist or be empty
@@ -103,6 +98,8 @@ type InitOptions struct {
 	// iterations), kept in its policy; 0 = the HSMs' default. Rehearsals
 	// and tests lower it to make logins cheap.
 	KDFIterations int
+	// Members makes the HSMs; nil means LocalHSMs.
+	Members Opener
 }
 
 // OpenOptions tune how a cluster directory is opened.
@@ -111,6 +108,8 @@ type OpenOptions struct {
 	// the directory; default 10s. The error names the directory and the
 	// holder (pid, host, command, since).
 	LockTimeout time.Duration
+	// Members opens the HSMs; nil means LocalHSMs.
+	Members Opener
 }
 
 // Stats counts what the cluster client did to hide failures.
@@ -158,11 +157,12 @@ var defaultRetry = retryPolicy{
 // state shared by every session (which HSMs hold which token keys, which
 // HSMs are down), and the directory lock. It implements hsm.Backend.
 type Cluster struct {
-	dir   string
-	lock  *dirLock
-	retry retryPolicy
-	stats counters
-	notes []string
+	dir    string
+	lock   *dirLock
+	opener Opener // makes and opens the members
+	retry  retryPolicy
+	stats  counters
+	notes  []string
 
 	mu      sync.RWMutex // guards cfg and members, never held across an HSM call
 	cfg     config
@@ -228,7 +228,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 	}
 	defer clear(secret)
 
-	c, err = create(ctx, o.Dir, cfg, secret, func(ctx context.Context, m Member) error {
+	c, err = create(ctx, o.Dir, cfg, secret, o.Members, func(ctx context.Context, m Member) error {
 		return m.Bootstrap(ctx, o.Officer)
 	})
 	if err != nil {
@@ -243,7 +243,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 // create makes the directory, takes its lock, creates every HSM of cfg
 // with the lineage secret, fills each with fill, and writes cluster.json
 // last, so that a directory without it is not a cluster.
-func create(ctx context.Context, dir string, cfg config, secret []byte, fill func(context.Context, Member) error) (c *Cluster, err error) {
+func create(ctx context.Context, dir string, cfg config, secret []byte, members Opener, fill func(context.Context, Member) error) (c *Cluster, err error) {
 	if err := ensureEmptyDir(dir); err != nil {
 		return nil, err
 	}
@@ -251,19 +251,18 @@ func create(ctx context.Context, dir string, cfg config, secret []byte, fill fun
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{dir: dir, lock: lock, retry: defaultRetry, cfg: cfg, secret: bytes.Clone(secret)}
+	c = &Cluster{dir: dir, lock: lock, opener: openerOrLocal(members), retry: defaultRetry, cfg: cfg, secret: bytes.Clone(secret)}
 	c.keys.init()
 	defer func() {
 		if err != nil {
 			c.Close()
 			for _, h := range cfg.HSMs {
-				os.Remove(hsmPath(dir, h.ID))
-				os.Remove(node.AuditPath(hsmPath(dir, h.ID)))
+				c.opener.Remove(dir, h.ID)
 			}
 		}
 	}()
 	for _, h := range cfg.HSMs {
-		m, err := createMember(dir, cfg, h, secret)
+		m, err := c.createMember(cfg, h, secret)
 		if err != nil {
 			return c, err
 		}
@@ -282,22 +281,20 @@ func create(ctx context.Context, dir string, cfg config, secret []byte, fill fun
 	return c, nil
 }
 
-// createMember creates the bbolt file of one new HSM.
-func createMember(dir string, cfg config, h hsmConfig, secret []byte) (Member, error) {
-	n, err := node.Create(hsmPath(dir, h.ID), node.Options{
-		ID:               h.ID,
-		AZ:               h.AZ,
-		Lineage:          cfg.Lineage,
-		LineageSecret:    secret,
-		FIPS:             cfg.Policy.FIPS,
-		KeyCapacity:      cfg.Policy.KeyCapacity,
-		MaxConcurrentOps: cfg.Policy.MaxConcurrentOps,
-		KDFIterations:    cfg.Policy.KDFIterations,
-	})
+// createMember makes one new HSM of the cluster described by cfg.
+func (c *Cluster) createMember(cfg config, h hsmConfig, secret []byte) (Member, error) {
+	m, err := c.opener.Create(c.dir, MemberSpec{ID: h.ID, AZ: h.AZ, Lineage: cfg.Lineage, LineageSecret: secret, Policy: cfg.Policy})
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: create HSM %s: %w", cfg.ID, h.ID, err)
 	}
-	return n, nil
+	return m, nil
+}
+
+func openerOrLocal(o Opener) Opener {
+	if o == nil {
+		return LocalHSMs{}
+	}
+	return o
 }
 
 // Open opens an existing cluster directory, taking its lock, and applies the
@@ -314,7 +311,7 @@ func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{dir: dir, lock: lock, retry: defaultRetry}
+	c = &Cluster{dir: dir, lock: lock, opener: openerOrLocal(o.Members), retry: defaultRetry}
 	c.keys.init()
 	defer func() {
 		if err != nil {
@@ -332,14 +329,14 @@ func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error
 		return c, err
 	}
 	for _, h := range cfg.HSMs {
-		n, err := node.Open(hsmPath(dir, h.ID), node.OpenOptions{Timeout: o.LockTimeout, KDFIterations: cfg.Policy.KDFIterations})
+		n, err := c.opener.Open(dir, MemberSpec{ID: h.ID, AZ: h.AZ, Lineage: cfg.Lineage, Policy: cfg.Policy}, o.LockTimeout)
 		if err != nil {
 			return c, fmt.Errorf("cluster %s: open HSM %s: %w", cfg.ID, h.ID, err)
 		}
 		m := &member{id: h.ID, az: h.AZ, m: n}
 		c.members = append(c.members, m)
 		if f, ok := faults[h.ID]; ok {
-			n.SetFault(f.node())
+			n.SetFault(f)
 			m.forcedDown.Store(f.Down)
 		}
 	}
@@ -403,6 +400,22 @@ func (c *Cluster) Info() hsm.ClusterInfo {
 	return info
 }
 
+// ReadInfo describes the cluster at dir from its cluster.json alone,
+// without opening it (no lock, no HSM): id, region, lineage, HSMs and their
+// zones, policy. HSM states and the key count are not known this way and
+// are left empty.
+func ReadInfo(dir string) (hsm.ClusterInfo, error) {
+	cfg, err := readConfig(dir)
+	if err != nil {
+		return hsm.ClusterInfo{}, err
+	}
+	info := hsm.ClusterInfo{ID: cfg.ID, Region: cfg.Region, Lineage: cfg.Lineage, Policy: cfg.Policy, Created: cfg.Created}
+	for _, h := range cfg.HSMs {
+		info.HSMs = append(info.HSMs, hsm.HSMInfo{ID: h.ID, AZ: h.AZ})
+	}
+	return info, nil
+}
+
 // Stats returns the client's counters since the cluster was opened.
 func (c *Cluster) Stats() Stats {
 	s := &c.stats
@@ -415,14 +428,14 @@ func (c *Cluster) Stats() Stats {
 
 // SetFault injects a fault into HSM hsmID (or AllHSMs) of the open cluster
 // and records it in the directory, so later processes see it too. A zero
-// Fault clears it; clearing a Down fault lets the HSM be used again at once.
-func (c *Cluster) SetFault(hsmID string, f Fault) error {
+// hsm.Fault clears it; clearing a Down fault lets the HSM be used again at once.
+func (c *Cluster) SetFault(hsmID string, f hsm.Fault) error {
 	if err := SetFault(c.dir, hsmID, f); err != nil {
 		return err
 	}
 	for _, m := range c.memberList() {
 		if hsmID == AllHSMs || m.id == hsmID {
-			m.m.SetFault(f.node())
+			m.m.SetFault(f)
 			m.forcedDown.Store(f.Down)
 			if !f.Down {
 				m.downUntil.Store(0)

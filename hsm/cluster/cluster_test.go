@@ -108,7 +108,7 @@ func TestQuorumOneOfTwoDown(t *testing.T) {
 	s := login(t, c, alice)
 	before := genAES(t, s, "before", nil)
 
-	if err := c.SetFault(ids[1], Fault{Down: true}); err != nil {
+	if err := c.SetFault(ids[1], hsm.Fault{Down: true}); err != nil {
 		t.Fatal(err)
 	}
 	k := genAES(t, s, "during", nil)
@@ -128,7 +128,7 @@ func TestQuorumOneOfTwoDown(t *testing.T) {
 		t.Fatalf("encrypt with a key on 2 HSMs, one down: %v", err)
 	}
 
-	if err := c.SetFault(ids[1], Fault{}); err != nil {
+	if err := c.SetFault(ids[1], hsm.Fault{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := encrypt(ctx, s, k.Ref); !errors.Is(err, hsm.ErrQuorum) {
@@ -154,7 +154,7 @@ func TestOneOfThreeDown(t *testing.T) {
 	ids := hsmIDs(c)
 	s := login(t, c, alice)
 	old := genAES(t, s, "old", nil)
-	if err := c.SetFault(ids[2], Fault{Down: true}); err != nil {
+	if err := c.SetFault(ids[2], hsm.Fault{Down: true}); err != nil {
 		t.Fatal(err)
 	}
 	var refs []hsm.KeyRef
@@ -187,7 +187,7 @@ func TestOneOfThreeDown(t *testing.T) {
 	if partial != 10 {
 		t.Errorf("%d keys with partial coverage, want 10", partial)
 	}
-	c.SetFault(ids[2], Fault{})
+	c.SetFault(ids[2], hsm.Fault{})
 	if rep, err := c.Sync(ctx); err != nil || rep.KeysCopied != 10 {
 		t.Fatalf("Sync = %+v, %v", rep, err)
 	}
@@ -204,7 +204,7 @@ func TestUsersReachDownHSMAtSync(t *testing.T) {
 	c := newCluster(t, 2)
 	ids := hsmIDs(c)
 	co := login(t, c, officer)
-	c.SetFault(ids[1], Fault{Down: true})
+	c.SetFault(ids[1], hsm.Fault{Down: true})
 	if err := co.CreateUser(ctx, "carol", hsm.RoleCryptoUser, "carol-pw1"); err != nil {
 		t.Fatalf("CreateUser with an HSM down: %v", err)
 	}
@@ -212,7 +212,7 @@ func TestUsersReachDownHSMAtSync(t *testing.T) {
 	if err := co.ChangePassword(ctx, "carol", "carol-pw2"); err == nil || !strings.Contains(err.Error(), ids[1]) {
 		t.Errorf("ChangePassword with an HSM down: %v, want an error naming %s", err, ids[1])
 	}
-	c.SetFault(ids[1], Fault{})
+	c.SetFault(ids[1], hsm.Fault{})
 	users, err := co.ListUsers(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -240,10 +240,10 @@ func TestFaultsAppliedAtOpen(t *testing.T) {
 	ids := hsmIDs(c)
 	dir := c.Dir()
 	c.Close()
-	if err := SetFault(dir, ids[0], Fault{Down: true}); err != nil {
+	if err := SetFault(dir, ids[0], hsm.Fault{Down: true}); err != nil {
 		t.Fatal(err)
 	}
-	if err := SetFault(dir, "nope", Fault{Down: true}); !errors.Is(err, hsm.ErrNotFound) {
+	if err := SetFault(dir, "nope", hsm.Fault{Down: true}); !errors.Is(err, hsm.ErrNotFound) {
 		t.Errorf("SetFault on unknown HSM: %v", err)
 	}
 	f, _ := Faults(dir)

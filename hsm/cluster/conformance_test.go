@@ -42,7 +42,7 @@ func newEmptyClone(t *testing.T, c *Cluster, n int) *Cluster {
 	for i := range n {
 		cfg.HSMs = append(cfg.HSMs, hsmConfig{ID: "hsm-" + randomID(), AZ: fmt.Sprintf("eu-west-1%c", 'a'+i)})
 	}
-	clone, err := create(context.Background(), filepath.Join(t.TempDir(), "clone"), cfg, c.secret, func(ctx context.Context, m Member) error {
+	clone, err := create(context.Background(), filepath.Join(t.TempDir(), "clone"), cfg, c.secret, nil, func(ctx context.Context, m Member) error {
 		return m.Bootstrap(ctx, officer)
 	})
 	if err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/hsm/node"
 )
 
 // Member is what the cluster needs from one HSM: user logins for the
@@ -21,11 +20,11 @@ type Member interface {
 	// Bootstrap creates the first crypto officer on a new, empty HSM.
 	Bootstrap(ctx context.Context, officer hsm.Credentials) error
 	// SetFault injects a fault (down, fail-next, throttling, latency).
-	SetFault(f node.Fault)
+	SetFault(f hsm.Fault)
 	// VerifyAudit checks the audit log's hash chain and counts its records.
 	VerifyAudit() (int, error)
 	// Audit calls fn for every audit record in order.
-	Audit(fn func(node.AuditRecord) error) error
+	Audit(fn func(hsm.AuditRecord) error) error
 
 	// PeerListKeys lists every token key the HSM holds, whoever owns it.
 	PeerListKeys(ctx context.Context) ([]hsm.KeyInfo, error)
@@ -37,13 +36,11 @@ type Member interface {
 	// PeerDeleteKey removes a key whoever owns it.
 	PeerDeleteKey(ctx context.Context, ref hsm.KeyRef) error
 	// PeerUsers lists the HSM's user records (password hashes, never passwords).
-	PeerUsers(ctx context.Context) ([]node.UserRecord, error)
+	PeerUsers(ctx context.Context) ([]hsm.UserRecord, error)
 	// PeerPutUser stores a user record as is.
-	PeerPutUser(ctx context.Context, u node.UserRecord) error
+	PeerPutUser(ctx context.Context, u hsm.UserRecord) error
 	// Snapshot returns users, token keys (masked) and policy as JSON.
 	Snapshot(ctx context.Context) ([]byte, error)
 	// RestoreSnapshot replaces the HSM's users, keys and policy with a snapshot.
 	RestoreSnapshot(ctx context.Context, snap []byte) error
 }
-
-var _ Member = (*node.Node)(nil)

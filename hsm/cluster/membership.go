@@ -2,15 +2,11 @@ package cluster
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"slices"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/internal/atomicfile"
-	"github.com/keymig/keymig/hsm/node"
 )
 
 // AddHSM adds an HSM in availability zone az (default: the zone with the
@@ -39,14 +35,13 @@ func (c *Cluster) AddHSM(ctx context.Context, az string) (hsm.HSMInfo, error) {
 		az = leastUsedAZ(cfg)
 	}
 	h := hsmConfig{ID: "hsm-" + randomID(), AZ: az}
-	m, err := createMember(c.dir, cfg, h, secret)
+	m, err := c.createMember(cfg, h, secret)
 	if err != nil {
 		return hsm.HSMInfo{}, err
 	}
 	if err := m.RestoreSnapshot(ctx, snap); err != nil {
 		m.Close()
-		os.Remove(hsmPath(c.dir, h.ID))
-		os.Remove(node.AuditPath(hsmPath(c.dir, h.ID)))
+		c.opener.Remove(c.dir, h.ID)
 		return hsm.HSMInfo{}, fmt.Errorf("add HSM %s: restore backup %s: %w", h.ID, info.ID, err)
 	}
 	c.mu.Lock()
@@ -91,11 +86,8 @@ func (c *Cluster) RemoveHSM(ctx context.Context, id string) error {
 	if err := m.m.Close(); err != nil {
 		return fmt.Errorf("remove HSM %s: %w", id, err)
 	}
-	if err := os.Remove(hsmPath(c.dir, id)); err != nil {
-		return fmt.Errorf("remove HSM %s: %w", id, err)
-	}
-	if err := os.Remove(node.AuditPath(hsmPath(c.dir, id))); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove HSM %s: %w", id, err)
+	if err := c.opener.Remove(c.dir, id); err != nil {
+		return err
 	}
 	if fs, err := Faults(c.dir); err == nil {
 		if _, ok := fs[id]; ok {

@@ -23,7 +23,7 @@ func TestThrottling(t *testing.T) {
 	k := genAES(t, s, "k", nil)
 	// At 10%, an operation throttled on all 8 tries is a 1-in-10^8 event;
 	// at 20% it was about 1 in 400,000, and this test makes 3,200.
-	if err := c.SetFault(AllHSMs, Fault{Throttle: 0.1}); err != nil {
+	if err := c.SetFault(AllHSMs, hsm.Fault{Throttle: 0.1}); err != nil {
 		t.Fatal(err)
 	}
 	const workers, per = 16, 200
@@ -57,7 +57,7 @@ func TestThrottlingGivesUp(t *testing.T) {
 	c := newCluster(t, 1)
 	s := login(t, c, alice)
 	k := genAES(t, s, "k", nil)
-	c.SetFault(AllHSMs, Fault{Throttle: 1})
+	c.SetFault(AllHSMs, hsm.Fault{Throttle: 1})
 	err := encrypt(context.Background(), s, k.Ref)
 	if !errors.Is(err, hsm.ErrThrottled) {
 		t.Fatalf("err = %v, want throttled", err)
@@ -98,7 +98,7 @@ func TestHSMKilledBetweenCreateAndClone(t *testing.T) {
 						if victim == "clone-target" {
 							killed = otherID(c, m.id)
 						}
-						c.memberByID(killed).m.SetFault(Fault{Down: true}.node())
+						c.memberByID(killed).m.SetFault(hsm.Fault{Down: true})
 					})
 				}
 				m.m = h
@@ -122,7 +122,7 @@ func TestHSMKilledBetweenCreateAndClone(t *testing.T) {
 					t.Errorf("ListKeys = %+v", keys)
 				}
 			}
-			c.SetFault(killed, Fault{})
+			c.SetFault(killed, hsm.Fault{})
 			if rep, err := c.Sync(ctx); err != nil || rep.KeysCopied != 1 {
 				t.Fatalf("Sync = %+v, %v", rep, err)
 			}
@@ -148,7 +148,7 @@ func TestFailoverBeforeExecution(t *testing.T) {
 	c := newCluster(t, 3)
 	s := login(t, c, alice)
 	ids := hsmIDs(c)
-	c.SetFault(ids[0], Fault{FailNext: 1000})
+	c.SetFault(ids[0], hsm.Fault{FailNext: 1000})
 	for range 20 {
 		k := genAES(t, s, "k", nil)
 		if err := encrypt(ctx, s, k.Ref); err != nil {
@@ -166,7 +166,7 @@ func TestCreateWithUnknownOutcomeIsNotRetried(t *testing.T) {
 	c := newCluster(t, 2)
 	s := login(t, c, alice)
 	c.retry.callTimeout = 20 * time.Millisecond
-	c.SetFault(AllHSMs, Fault{Latency: 200 * time.Millisecond})
+	c.SetFault(AllHSMs, hsm.Fault{Latency: 200 * time.Millisecond})
 	_, err := s.GenerateKey(ctx, aesSpec("slow", nil))
 	if !errors.Is(err, hsm.ErrUnavailable) || !strings.Contains(err.Error(), "look for it") {
 		t.Fatalf("GenerateKey on a slow HSM: %v", err)
@@ -175,9 +175,9 @@ func TestCreateWithUnknownOutcomeIsNotRetried(t *testing.T) {
 		t.Errorf("create was retried on another HSM: %+v", st)
 	}
 	// Reads do fail over.
-	c.SetFault(AllHSMs, Fault{})
+	c.SetFault(AllHSMs, hsm.Fault{})
 	k := genAES(t, s, "k", nil)
-	c.SetFault(hsmIDs(c)[0], Fault{Latency: 200 * time.Millisecond})
+	c.SetFault(hsmIDs(c)[0], hsm.Fault{Latency: 200 * time.Millisecond})
 	for range 5 {
 		if err := encrypt(ctx, s, k.Ref); err != nil {
 			t.Fatalf("encrypt with one slow HSM: %v", err)
@@ -212,11 +212,11 @@ func TestShareAttributeDeleteEverywhere(t *testing.T) {
 	}
 	// Delete while one HSM is down: Sync must delete it there, not copy it back.
 	ids := hsmIDs(c)
-	c.SetFault(ids[2], Fault{Down: true})
+	c.SetFault(ids[2], hsm.Fault{Down: true})
 	if err := s.DeleteKey(ctx, k.Ref); err != nil {
 		t.Fatal(err)
 	}
-	c.SetFault(ids[2], Fault{})
+	c.SetFault(ids[2], hsm.Fault{})
 	rep, err := c.Sync(ctx)
 	if err != nil || rep.KeysDeleted != 1 || rep.KeysCopied != 0 {
 		t.Fatalf("Sync = %+v, %v", rep, err)

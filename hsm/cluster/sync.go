@@ -8,7 +8,6 @@ import (
 	"sync"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/hsm/node"
 )
 
 // SyncReport says what an anti-entropy pass did.
@@ -38,7 +37,7 @@ func (c *Cluster) sync(ctx context.Context) (SyncReport, error) {
 	members := c.memberList()
 	type state struct {
 		keys  map[hsm.KeyRef]bool
-		users map[string]node.UserRecord
+		users map[string]hsm.UserRecord
 		err   error
 	}
 	states := make([]state, len(members))
@@ -49,14 +48,14 @@ func (c *Cluster) sync(ctx context.Context) (SyncReport, error) {
 			continue
 		}
 		wg.Go(func() {
-			st := state{keys: map[hsm.KeyRef]bool{}, users: map[string]node.UserRecord{}}
+			st := state{keys: map[hsm.KeyRef]bool{}, users: map[string]hsm.UserRecord{}}
 			var keys []hsm.KeyInfo
 			st.err = c.call(ctx, m, func(ctx context.Context) (err error) {
 				keys, err = m.m.PeerListKeys(ctx)
 				return err
 			})
 			if st.err == nil {
-				var users []node.UserRecord
+				var users []hsm.UserRecord
 				st.err = c.call(ctx, m, func(ctx context.Context) (err error) {
 					users, err = m.m.PeerUsers(ctx)
 					return err
@@ -164,7 +163,7 @@ func (c *Cluster) sync(ctx context.Context) (SyncReport, error) {
 	wg.Wait()
 
 	// Users missing on an HSM are copied from one that has them.
-	names := map[string]node.UserRecord{}
+	names := map[string]hsm.UserRecord{}
 	for _, i := range live {
 		for name, u := range states[i].users {
 			if _, ok := names[name]; !ok {

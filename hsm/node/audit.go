@@ -26,24 +26,10 @@ import (
 // AuditPath is the audit log file of the HSM whose bbolt file is hsmPath.
 func AuditPath(hsmPath string) string { return hsmPath + ".audit" }
 
-// AuditRecord is one entry of the audit log. It never holds key material or
-// passwords.
-type AuditRecord struct {
-	Seq     uint64       `json:"seq"`
-	Time    time.Time    `json:"time"`
-	User    string       `json:"user"`              // who acted; "peer" for the cluster layer
-	Op      string       `json:"op"`                // login, login-failed, generate, wrap, ...
-	Handles []hsm.KeyRef `json:"handles,omitempty"` // keys involved
-	Target  string       `json:"target,omitempty"`  // user acted upon (user management, share), or attribute name
-	Outcome string       `json:"outcome"`           // "ok" or the error code
-	Prev    string       `json:"prev"`              // hex SHA-256 of the previous record
-	Hash    string       `json:"-"`                 // hex SHA-256 of Prev ‖ this record's JSON; filled in by Audit
-}
-
 // appendRecordJSON appends what json.Marshal(rec) gives with rec.Prev set
 // to hex(prev), without reflection: append runs it under the log's lock
 // for every record.
-func appendRecordJSON(b []byte, rec *AuditRecord, prev []byte) []byte {
+func appendRecordJSON(b []byte, rec *hsm.AuditRecord, prev []byte) []byte {
 	b = append(b, `{"seq":`...)
 	b = strconv.AppendUint(b, rec.Seq, 10)
 	b = append(b, `,"time":"`...)
@@ -350,7 +336,7 @@ func migrateLegacyAudit(db *bolt.DB, path string) error {
 // now, and buffers the line. It returns without waiting for the disk;
 // waitDurable does that. It blocks only while auditMaxBuffered bytes wait
 // for the flusher.
-func (l *auditLog) append(rec *AuditRecord, now func() time.Time) (uint64, error) {
+func (l *auditLog) append(rec *hsm.AuditRecord, now func() time.Time) (uint64, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for len(l.buf) >= auditMaxBuffered && l.err == nil && !l.closing {
@@ -764,7 +750,7 @@ func (lr *lineReader) nextIsBefore(seq uint64) bool {
 
 // Audit calls fn with each record in order, stopping at fn's first error.
 // It does not verify the chain (see VerifyAudit).
-func (n *Node) Audit(fn func(AuditRecord) error) error {
+func (n *Node) Audit(fn func(hsm.AuditRecord) error) error {
 	const op = "audit"
 	if n.closed.Load() {
 		return hsm.Errorf(hsm.CodeUnavailable, op, 0, "hsm %s is closed", n.opt.ID)
@@ -789,7 +775,7 @@ func (n *Node) Audit(fn func(AuditRecord) error) error {
 		if reason != "" {
 			return fmt.Errorf("audit record %d %s", pos, reason)
 		}
-		var rec AuditRecord
+		var rec hsm.AuditRecord
 		if err := json.Unmarshal(body, &rec); err != nil {
 			return fmt.Errorf("audit record %d: %w", pos, err)
 		}
@@ -819,7 +805,7 @@ func (e txAbort) Error() string { return e.err.Error() }
 // the commit (so the two syncs overlap); a commit that then fails is
 // followed by a "rolled-back" record naming it. write returns once both
 // the commit and the record are on disk.
-func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, rec *AuditRecord) error) error {
+func (n *Node) write(ctx context.Context, rec hsm.AuditRecord, fn func(tx *bolt.Tx, rec *hsm.AuditRecord) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -872,7 +858,7 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 		if err != nil && logErr == nil {
 			if seq != 0 {
 				// Logged, then the commit failed: say so in the log.
-				n.log.append(&AuditRecord{User: r.User, Op: r.Op, Handles: r.Handles, Target: r.Target,
+				n.log.append(&hsm.AuditRecord{User: r.User, Op: r.Op, Handles: r.Handles, Target: r.Target,
 					Outcome: "rolled-back: the change of record " + fmt.Sprint(seq) + " was not committed"}, n.now)
 			}
 			n.writing.RUnlock()
@@ -897,7 +883,7 @@ func (n *Node) write(ctx context.Context, rec AuditRecord, fn func(tx *bolt.Tx, 
 // returns opErr (or the storage error if the record could not be
 // appended). It does not wait for the record to reach the disk.
 func (n *Node) audit(_ context.Context, user, op string, opErr error, handles ...hsm.KeyRef) error {
-	if err := n.record(AuditRecord{User: user, Op: op, Handles: handles, Outcome: outcome(opErr)}); err != nil {
+	if err := n.record(hsm.AuditRecord{User: user, Op: op, Handles: handles, Outcome: outcome(opErr)}); err != nil {
 		return err
 	}
 	return opErr
@@ -905,7 +891,7 @@ func (n *Node) audit(_ context.Context, user, op string, opErr error, handles ..
 
 // record appends rec (its Outcome set) for an operation that changed
 // nothing on disk, without waiting for the disk.
-func (n *Node) record(rec AuditRecord) error {
+func (n *Node) record(rec hsm.AuditRecord) error {
 	if _, err := n.log.append(&rec, n.now); err != nil {
 		return n.logErr(rec.Op, err)
 	}

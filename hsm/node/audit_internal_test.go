@@ -52,8 +52,8 @@ func TestAuditLineIsMarshalledRecord(t *testing.T) {
 	n := auditedNode(t)
 	n.now = func() time.Time { return time.Date(2026, 3, 4, 5, 6, 7, 8, time.FixedZone("x", 3600)) }
 	n.audit(context.Background(), "b<o>b&\"q\"\u2028", "wrap", hsm.Errorf(hsm.CodePermission, "wrap", 0, "no"), 1, 1<<63)
-	n.record(AuditRecord{User: "u", Op: "op", Target: "t", Outcome: "ok", Time: time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC)})
-	n.record(AuditRecord{User: "ünï", Op: "op\x00\x7f", Target: "a&b\\", Handles: []hsm.KeyRef{}, Outcome: "ok"})
+	n.record(hsm.AuditRecord{User: "u", Op: "op", Target: "t", Outcome: "ok", Time: time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC)})
+	n.record(hsm.AuditRecord{User: "ünï", Op: "op\x00\x7f", Target: "a&b\\", Handles: []hsm.KeyRef{}, Outcome: "ok"})
 	path := n.log.path
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
@@ -72,7 +72,7 @@ func TestAuditLineIsMarshalledRecord(t *testing.T) {
 		if reason != "" {
 			t.Fatalf("line %d %s", i+1, reason)
 		}
-		var rec AuditRecord
+		var rec hsm.AuditRecord
 		if err := json.Unmarshal(body, &rec); err != nil {
 			t.Fatal(err)
 		}
@@ -89,7 +89,7 @@ func TestAuditLineIsMarshalledRecord(t *testing.T) {
 }
 
 func TestAppendRecordJSON(t *testing.T) {
-	for _, rec := range []AuditRecord{
+	for _, rec := range []hsm.AuditRecord{
 		{},
 		{Seq: 1 << 63, Time: time.Date(2026, 1, 2, 3, 4, 5, 0, time.FixedZone("", -7*3600)), User: "alice", Op: "wrap",
 			Handles: []hsm.KeyRef{1, 0xffffffffffffffff}, Target: "bob", Outcome: "ok", Prev: strings.Repeat("ab", 32), Hash: "x"},
@@ -240,7 +240,7 @@ func TestAuditLongLines(t *testing.T) {
 	}
 	n2.audit(context.Background(), "u", "encrypt", nil)
 	var lens []int
-	if err := n2.Audit(func(r AuditRecord) error { lens = append(lens, len(r.Handles)); return nil }); err != nil {
+	if err := n2.Audit(func(r hsm.AuditRecord) error { lens = append(lens, len(r.Handles)); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if len(lens) != want+1 || lens[want-2] != 20000 || lens[want-1] != 5000 {

@@ -113,7 +113,7 @@ func TestPersistence(t *testing.T) {
 		t.Errorf("audit after reopen: %d records (before %d), %v", after, before, err)
 	}
 	var ops []string
-	n2.Audit(func(r node.AuditRecord) error { ops = append(ops, r.Op); return nil })
+	n2.Audit(func(r hsm.AuditRecord) error { ops = append(ops, r.Op); return nil })
 	joined := strings.Join(ops, ",")
 	for _, want := range []string{"user-create", "login", "generate", "encrypt", "set-attribute"} {
 		if !strings.Contains(joined, want) {
@@ -133,8 +133,8 @@ func TestAuditContents(t *testing.T) {
 	k, _ := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256})
 	n.Login(ctx, hsm.Credentials{User: "alice", Password: "wrong-password"})
 	s.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: k.Ref, Payload: k.Ref})
-	var recs []node.AuditRecord
-	if err := n.Audit(func(r node.AuditRecord) error { recs = append(recs, r); return nil }); err != nil {
+	var recs []hsm.AuditRecord
+	if err := n.Audit(func(r hsm.AuditRecord) error { recs = append(recs, r); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	var failed, wrap bool
@@ -386,7 +386,7 @@ func TestAuditConcurrent(t *testing.T) {
 		t.Fatalf("after reopen: %d records (want %d), %v", got, want, err)
 	}
 	ops := map[string]int{}
-	if err := n2.Audit(func(r node.AuditRecord) error { ops[r.Op+" "+r.Outcome]++; return nil }); err != nil {
+	if err := n2.Audit(func(r hsm.AuditRecord) error { ops[r.Op+" "+r.Outcome]++; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if ops["wrap ok"] != goroutines*each/5 || ops["encrypt ok"] != goroutines*each/5 {
@@ -397,7 +397,7 @@ func TestAuditConcurrent(t *testing.T) {
 func TestFaults(t *testing.T) {
 	ctx := context.Background()
 	n, s := withAlice(t, node.Options{})
-	n.SetFault(node.Fault{Down: true})
+	n.SetFault(hsm.Fault{Down: true})
 	_, err := s.ListKeys(ctx, hsm.Filter{})
 	if hsm.CodeOf(err) != hsm.CodeUnavailable || !hsm.IsRetryable(err) {
 		t.Errorf("down: %v", err)
@@ -408,7 +408,7 @@ func TestFaults(t *testing.T) {
 	if _, err := n.PeerListKeys(ctx); hsm.CodeOf(err) != hsm.CodeUnavailable {
 		t.Errorf("peer call while down: %v", err)
 	}
-	n.SetFault(node.Fault{FailNext: 2})
+	n.SetFault(hsm.Fault{FailNext: 2})
 	for i := 0; i < 2; i++ {
 		if _, err := s.ListKeys(ctx, hsm.Filter{}); hsm.CodeOf(err) != hsm.CodeUnavailable {
 			t.Errorf("FailNext op %d: %v", i, err)
@@ -417,11 +417,11 @@ func TestFaults(t *testing.T) {
 	if _, err := s.ListKeys(ctx, hsm.Filter{}); err != nil {
 		t.Errorf("after FailNext ran out: %v", err)
 	}
-	n.SetFault(node.Fault{Throttle: 1})
+	n.SetFault(hsm.Fault{Throttle: 1})
 	if _, err := s.ListKeys(ctx, hsm.Filter{}); hsm.CodeOf(err) != hsm.CodeThrottled || !hsm.IsRetryable(err) {
 		t.Errorf("throttle 1.0: %v", err)
 	}
-	n.SetFault(node.Fault{Throttle: 0.5})
+	n.SetFault(hsm.Fault{Throttle: 0.5})
 	throttled := 0
 	for i := 0; i < 200; i++ {
 		if _, err := s.ListKeys(ctx, hsm.Filter{}); hsm.CodeOf(err) == hsm.CodeThrottled {
@@ -433,7 +433,7 @@ func TestFaults(t *testing.T) {
 	}
 	// Latency respects the context and holds no lock: 16 concurrent calls
 	// take about one latency, not sixteen.
-	n.SetFault(node.Fault{Latency: 100 * time.Millisecond})
+	n.SetFault(hsm.Fault{Latency: 100 * time.Millisecond})
 	short, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
 	defer cancel()
 	if _, err := s.ListKeys(short, hsm.Filter{}); !errors.Is(err, context.DeadlineExceeded) {
@@ -454,7 +454,7 @@ func TestFaults(t *testing.T) {
 	if d := time.Since(start); d > 1200*time.Millisecond {
 		t.Errorf("16 calls with 100ms latency took %v: latency is serialised", d)
 	}
-	n.SetFault(node.Fault{})
+	n.SetFault(hsm.Fault{})
 	if _, err := s.ListKeys(ctx, hsm.Filter{}); err != nil {
 		t.Errorf("after clearing faults: %v", err)
 	}

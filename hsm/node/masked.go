@@ -331,7 +331,7 @@ func (n *Node) insertMasked(ctx context.Context, user, op string, mk maskedKey, 
 		rev    uint64
 		wrote  bool
 	)
-	err := n.write(ctx, AuditRecord{User: user, Op: op, Handles: []hsm.KeyRef{ref}}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	err := n.write(ctx, hsm.AuditRecord{User: user, Op: op, Handles: []hsm.KeyRef{ref}}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		wrote, rev = false, 0
 		old, err := getRecord(tx, ref)
 		if err != nil {
@@ -466,7 +466,7 @@ func (n *Node) PeerDeleteKey(ctx context.Context, ref hsm.KeyRef) error {
 	}
 	defer release()
 	var rev uint64
-	err = n.write(ctx, AuditRecord{User: "peer", Op: op, Handles: []hsm.KeyRef{ref}}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	err = n.write(ctx, hsm.AuditRecord{User: "peer", Op: op, Handles: []hsm.KeyRef{ref}}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		old, err := getRecord(tx, ref)
 		if err != nil {
 			return err
@@ -491,13 +491,13 @@ func (n *Node) PeerDeleteKey(ctx context.Context, ref hsm.KeyRef) error {
 // snapshot is a backup of one HSM: no plaintext key material, only masked
 // objects and password hashes.
 type snapshot struct {
-	Format  string       `json:"format"`
-	Version int          `json:"version"`
-	HSM     string       `json:"hsm-id"`
-	Lineage string       `json:"lineage"`
-	Policy  hsm.Policy   `json:"policy"`
-	Users   []UserRecord `json:"users"`
-	Keys    [][]byte     `json:"keys"` // masked objects
+	Format  string           `json:"format"`
+	Version int              `json:"version"`
+	HSM     string           `json:"hsm-id"`
+	Lineage string           `json:"lineage"`
+	Policy  hsm.Policy       `json:"policy"`
+	Users   []hsm.UserRecord `json:"users"`
+	Keys    [][]byte         `json:"keys"` // masked objects
 }
 
 const snapshotFormat = "keymig-hsm-snapshot"
@@ -575,7 +575,7 @@ func (n *Node) RestoreSnapshot(ctx context.Context, data []byte) error {
 		revs   []uint64
 		delRev uint64
 	)
-	err = n.write(ctx, AuditRecord{User: "peer", Op: op}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	err = n.write(ctx, hsm.AuditRecord{User: "peer", Op: op}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		revs = nil
 		for _, b := range [][]byte{bktUsers, bktKeys, bktIDs} {
 			if err := tx.DeleteBucket(b); err != nil {

@@ -55,14 +55,6 @@ type OpenOptions struct {
 	Now           func() time.Time // nil means time.Now
 }
 
-// Fault injects failures into a node, for tests of the layers above it.
-type Fault struct {
-	Down     bool          // every call fails with CodeUnavailable
-	FailNext int           // the next FailNext operations fail with CodeUnavailable
-	Throttle float64       // this fraction of operations fails with CodeThrottled
-	Latency  time.Duration // each operation first sleeps this long (a network round trip)
-}
-
 // persisted is the part of Options kept in the file.
 type persisted struct {
 	ID               string    `json:"id"`
@@ -101,7 +93,7 @@ type Node struct {
 	pol atomic.Pointer[hsm.Policy] // FIPS and capacity may change at RestoreSnapshot
 
 	faultMu  sync.Mutex
-	fault    Fault
+	fault    hsm.Fault
 	failNext atomic.Int64
 	faultOn  atomic.Bool // fast path: any fault set
 }
@@ -328,8 +320,8 @@ func (n *Node) Close() error {
 	return errors.Join(lerr, n.db.Close())
 }
 
-// SetFault replaces the node's injected faults; the zero Fault clears them.
-func (n *Node) SetFault(f Fault) {
+// SetFault replaces the node's injected faults; the zero hsm.Fault clears them.
+func (n *Node) SetFault(f hsm.Fault) {
 	n.faultMu.Lock()
 	n.fault = f
 	n.failNext.Store(int64(f.FailNext))

@@ -220,7 +220,7 @@ func (n *Node) storeNew(ctx context.Context, user, op string, keys []newKey, rel
 		infos []hsm.KeyInfo
 		revs  []uint64
 	)
-	err := n.write(ctx, AuditRecord{User: user, Op: op, Handles: related}, func(tx *bolt.Tx, rec *AuditRecord) error {
+	err := n.write(ctx, hsm.AuditRecord{User: user, Op: op, Handles: related}, func(tx *bolt.Tx, rec *hsm.AuditRecord) error {
 		infos, revs = nil, nil
 		if c := keyCount(tx); c+len(keys) > n.policy().KeyCapacity {
 			return hsm.Errorf(hsm.CodeCapacity, op, 0, "hsm %s holds %d of its %d token keys; delete keys or raise the cluster's key capacity", n.opt.ID, c, n.policy().KeyCapacity)
@@ -461,7 +461,7 @@ func (s *session) GetKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, erro
 // audit record.
 func (s *session) change(ctx context.Context, op, target string, ref hsm.KeyRef, fn func(info hsm.KeyInfo) (*hsm.KeyInfo, error)) error {
 	n := s.n
-	rec := AuditRecord{User: s.user, Op: op, Handles: []hsm.KeyRef{ref}, Target: target}
+	rec := hsm.AuditRecord{User: s.user, Op: op, Handles: []hsm.KeyRef{ref}, Target: target}
 	if k := n.lookup(ref); k != nil && k.session != 0 {
 		if k.session != s.id {
 			return n.audit(ctx, s.user, op, s.notFound(op, ref), ref)
@@ -493,7 +493,7 @@ func (s *session) change(ctx context.Context, op, target string, ref hsm.KeyRef,
 		mat     *material
 		deleted bool
 	)
-	err := n.write(ctx, rec, func(tx *bolt.Tx, _ *AuditRecord) error {
+	err := n.write(ctx, rec, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		newInfo, rev, deleted = nil, 0, false
 		old, err := getRecord(tx, ref)
 		if err != nil {
@@ -567,7 +567,7 @@ func (s *session) share(ctx context.Context, op string, ref hsm.KeyRef, user str
 	n := s.n
 	// Whether the user exists is read outside the key transaction; a user
 	// deleted at the same moment keeps a dangling share, which is harmless.
-	var target *UserRecord
+	var target *hsm.UserRecord
 	if err := n.db.View(func(tx *bolt.Tx) error { target, err = getUser(tx, user); return err }); err != nil {
 		return err
 	}

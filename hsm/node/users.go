@@ -16,26 +16,14 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// UserRecord is a user as stored, including its password hash; the cluster
-// layer copies these between HSMs. It never holds a password.
-type UserRecord struct {
-	Name       string   `json:"name"`
-	Role       hsm.Role `json:"role"`
-	Hash       []byte   `json:"hash"`       // PBKDF2-SHA256(password, Salt, Iterations), 32 bytes
-	Salt       []byte   `json:"salt"`       // 16 random bytes
-	Iterations int      `json:"iterations"` // PBKDF2 iterations of Hash
-	Failures   int      `json:"failures"`   // consecutive failed logins
-	Locked     bool     `json:"locked"`     // set after MaxLoginFailures failures; a password change clears it
-}
-
-func (n *Node) hashPassword(name string, role hsm.Role, password string) (UserRecord, error) {
+func (n *Node) hashPassword(name string, role hsm.Role, password string) (hsm.UserRecord, error) {
 	salt := make([]byte, 16)
 	rand.Read(salt)
 	h, err := pbkdf2.Key(sha256.New, password, salt, n.kdfIter, 32)
 	if err != nil {
-		return UserRecord{}, err
+		return hsm.UserRecord{}, err
 	}
-	return UserRecord{Name: name, Role: role, Hash: h, Salt: salt, Iterations: n.kdfIter}, nil
+	return hsm.UserRecord{Name: name, Role: role, Hash: h, Salt: salt, Iterations: n.kdfIter}, nil
 }
 
 func checkUserName(op, name string) error {
@@ -60,19 +48,19 @@ func checkPassword(op, pw string) error {
 	return nil
 }
 
-func getUser(tx *bolt.Tx, name string) (*UserRecord, error) {
+func getUser(tx *bolt.Tx, name string) (*hsm.UserRecord, error) {
 	v := tx.Bucket(bktUsers).Get([]byte(name))
 	if v == nil {
 		return nil, nil
 	}
-	var u UserRecord
+	var u hsm.UserRecord
 	if err := json.Unmarshal(v, &u); err != nil {
 		return nil, txAbort{fmt.Errorf("user record %q is corrupt: %w", name, err)}
 	}
 	return &u, nil
 }
 
-func putUser(tx *bolt.Tx, u *UserRecord) error {
+func putUser(tx *bolt.Tx, u *hsm.UserRecord) error {
 	v, err := json.Marshal(u)
 	if err != nil {
 		return err
@@ -99,7 +87,7 @@ func (n *Node) Bootstrap(ctx context.Context, officer hsm.Credentials) error {
 	if err != nil {
 		return err
 	}
-	return n.write(ctx, AuditRecord{User: officer.User, Op: "user-create", Target: officer.User}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	return n.write(ctx, hsm.AuditRecord{User: officer.User, Op: "user-create", Target: officer.User}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		if k, _ := tx.Bucket(bktUsers).Cursor().First(); k != nil {
 			return hsm.Errorf(hsm.CodeExists, op, 0, "hsm %s already has users; log in as a crypto officer to add more", n.opt.ID)
 		}
@@ -123,7 +111,7 @@ func (n *Node) Login(ctx context.Context, c hsm.Credentials) (hsm.Session, error
 		return nil, err
 	}
 	defer release()
-	var u *UserRecord
+	var u *hsm.UserRecord
 	if err := n.db.View(func(tx *bolt.Tx) error {
 		var err error
 		u, err = getUser(tx, c.User)
@@ -145,7 +133,7 @@ func (n *Node) Login(ctx context.Context, c hsm.Credentials) (hsm.Session, error
 	if !ok {
 		auditOp = "login-failed"
 	}
-	err = n.write(ctx, AuditRecord{User: c.User, Op: auditOp}, func(tx *bolt.Tx, rec *AuditRecord) error {
+	err = n.write(ctx, hsm.AuditRecord{User: c.User, Op: auditOp}, func(tx *bolt.Tx, rec *hsm.AuditRecord) error {
 		cur, err := getUser(tx, c.User)
 		if err != nil {
 			return err
@@ -204,7 +192,7 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 	}
 	defer release()
 	n := s.n
-	var u UserRecord
+	var u hsm.UserRecord
 	pre := func() error {
 		if s.role != hsm.RoleCryptoOfficer {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "only a crypto officer may create users; log in as one")
@@ -222,9 +210,9 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 		return err
 	}
 	if err := pre(); err != nil {
-		return n.write(ctx, AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *AuditRecord) error { return err })
+		return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *hsm.AuditRecord) error { return err })
 	}
-	return n.write(ctx, AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		cur, err := getUser(tx, name)
 		if err != nil {
 			return err
@@ -244,7 +232,7 @@ func (s *session) DeleteUser(ctx context.Context, name string) error {
 	}
 	defer release()
 	n := s.n
-	return n.write(ctx, AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		if s.role != hsm.RoleCryptoOfficer {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "only a crypto officer may delete users")
 		}
@@ -290,7 +278,7 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 	}
 	defer release()
 	n := s.n
-	var u UserRecord
+	var u hsm.UserRecord
 	pre := func() error {
 		if s.role != hsm.RoleCryptoOfficer && name != s.user {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "a crypto user may change only its own password; ask a crypto officer")
@@ -302,9 +290,9 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 		return err
 	}
 	if err := pre(); err != nil {
-		return n.write(ctx, AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *AuditRecord) error { return err })
+		return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *hsm.AuditRecord) error { return err })
 	}
-	return n.write(ctx, AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		cur, err := getUser(tx, name)
 		if err != nil {
 			return err
@@ -336,11 +324,11 @@ func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
 }
 
 // users returns every user record, ordered by name.
-func (n *Node) users() ([]UserRecord, error) {
-	var out []UserRecord
+func (n *Node) users() ([]hsm.UserRecord, error) {
+	var out []hsm.UserRecord
 	err := n.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bktUsers).ForEach(func(k, v []byte) error {
-			var u UserRecord
+			var u hsm.UserRecord
 			if err := json.Unmarshal(v, &u); err != nil {
 				return fmt.Errorf("user record %q is corrupt: %w", k, err)
 			}
@@ -354,7 +342,7 @@ func (n *Node) users() ([]UserRecord, error) {
 
 // PeerUsers returns every user with its password hash, for the cluster
 // layer to replicate.
-func (n *Node) PeerUsers(ctx context.Context) ([]UserRecord, error) {
+func (n *Node) PeerUsers(ctx context.Context) ([]hsm.UserRecord, error) {
 	release, err := n.begin(ctx, "peer-users")
 	if err != nil {
 		return nil, err
@@ -365,7 +353,7 @@ func (n *Node) PeerUsers(ctx context.Context) ([]UserRecord, error) {
 
 // PeerPutUser creates or replaces a user record as is (hash, lock state and
 // all), for the cluster layer's replication.
-func (n *Node) PeerPutUser(ctx context.Context, u UserRecord) error {
+func (n *Node) PeerPutUser(ctx context.Context, u hsm.UserRecord) error {
 	const op = "peer-put-user"
 	release, err := n.begin(ctx, op)
 	if err != nil {
@@ -381,7 +369,7 @@ func (n *Node) PeerPutUser(ctx context.Context, u UserRecord) error {
 	if len(u.Hash) != 32 || len(u.Salt) == 0 || u.Iterations <= 0 {
 		return hsm.Errorf(hsm.CodeInvalidInput, op, 0, "user %s: the record has no valid password hash", u.Name)
 	}
-	return n.write(ctx, AuditRecord{User: "peer", Op: op, Target: u.Name}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	return n.write(ctx, hsm.AuditRecord{User: "peer", Op: op, Target: u.Name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		return putUser(tx, &u)
 	})
 }
@@ -396,7 +384,7 @@ func (n *Node) PeerDeleteUser(ctx context.Context, name string) error {
 		return err
 	}
 	defer release()
-	return n.write(ctx, AuditRecord{User: "peer", Op: op, Target: name}, func(tx *bolt.Tx, _ *AuditRecord) error {
+	return n.write(ctx, hsm.AuditRecord{User: "peer", Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		if owned := ownedKeys(tx, name); owned > 0 {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "user %s owns %d keys on hsm %s; delete them first", name, owned, n.opt.ID)
 		}
