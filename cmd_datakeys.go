@@ -123,6 +123,7 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions, stdout,
 		cfg.Progress = progress
 	}
 	m, err := rotate.Generate(ctx, cfg, tmp)
+	err = masterFlag(err)
 	if progress != nil {
 		progress.Stop()
 	}
@@ -196,6 +197,7 @@ func runDatakeysVerify(ctx context.Context, e *env, o verifyKeysOptions, stdout 
 		Source: v.src.side(), Target: v.target(), From: v.from, To: v.to,
 		In: o.In, Rotated: o.Rotated, Rejects: o.Rejects, Workers: o.Workers,
 	})
+	err = masterFlag(err)
 	if err != nil {
 		if ctx.Err() != nil {
 			return errInterrupted

@@ -177,6 +177,13 @@ func inCluster(dir string, err error) error {
 	return fmt.Errorf("cluster %s: %w", dir, err)
 }
 
+// capable returns s as the optional capability T (hsm.Sharer, hsm.Users,
+// ...), or an error naming the cluster and what it cannot do.
+func capable[T any](dir string, s hsm.Session, doing string) (T, error) {
+	c, err := hsm.As[T](s, doing)
+	return c, inCluster(dir, err)
+}
+
 // keyName names a key in messages: its handle and label.
 func keyName(k hsm.KeyInfo) string {
 	return fmt.Sprintf("key %s (label %q)", k.Ref, k.Label)

@@ -87,19 +87,23 @@ Example:
 
 // runHSMKeyShare shares (or unshares) the selected key with o.Username.
 func runHSMKeyShare(ctx context.Context, o hsmKeyOneOptions, share bool, stdout, stderr io.Writer) error {
-	op, fn := "share", hsm.Session.ShareKey
+	op, fn := "share", hsm.Sharer.ShareKey
 	if !share {
-		op, fn = "unshare", hsm.Session.UnshareKey
+		op, fn = "unshare", hsm.Sharer.UnshareKey
 	}
 	if o.Username == "" {
 		return fmt.Errorf("%s: --username is required", op)
 	}
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
+		sharer, err := capable[hsm.Sharer](o.Dir, s, "share keys")
+		if err != nil {
+			return err
+		}
 		k, err := selectKey(ctx, s, o.Filter, op)
 		if err != nil {
 			return inCluster(o.Dir, err)
 		}
-		if err := fn(s, ctx, k.Ref, o.Username); err != nil {
+		if err := fn(sharer, ctx, k.Ref, o.Username); err != nil {
 			if hsm.CodeOf(err) == hsm.CodeNotFound || hsm.CodeOf(err) == hsm.CodeInvalidInput {
 				return inCluster(o.Dir, &explainedError{fmt.Sprintf("%s %s with %s: %s; see `keymig hsm user list`", op, keyName(k), o.Username, hsmMsg(err)), err})
 			}
@@ -172,11 +176,15 @@ func parseSettableAttr(name string) (hsm.Attr, error) {
 // runHSMKeySetAttribute sets o.Attr to o.Value on the selected key.
 func runHSMKeySetAttribute(ctx context.Context, o hsmKeyOneOptions, stdout, stderr io.Writer) error {
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
+		setter, err := capable[hsm.AttributeSetter](o.Dir, s, "change key attributes")
+		if err != nil {
+			return err
+		}
 		k, err := selectKey(ctx, s, o.Filter, "set-attribute")
 		if err != nil {
 			return inCluster(o.Dir, err)
 		}
-		if err := s.SetAttribute(ctx, k.Ref, o.Attr, o.Value); err != nil {
+		if err := setter.SetAttribute(ctx, k.Ref, o.Attr, o.Value); err != nil {
 			return inCluster(o.Dir, setAttributeError(k, s.User(), o.Attr, o.Value, err))
 		}
 		k2, err := s.GetKey(ctx, k.Ref)
@@ -222,11 +230,15 @@ Example:
 // runHSMKeyDelete deletes the selected key.
 func runHSMKeyDelete(ctx context.Context, o hsmKeyOneOptions, stdout, stderr io.Writer) error {
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
+		deleter, err := capable[hsm.KeyDeleter](o.Dir, s, "delete keys")
+		if err != nil {
+			return err
+		}
 		k, err := selectKey(ctx, s, o.Filter, "delete")
 		if err != nil {
 			return inCluster(o.Dir, err)
 		}
-		if err := s.DeleteKey(ctx, k.Ref); err != nil {
+		if err := deleter.DeleteKey(ctx, k.Ref); err != nil {
 			return inCluster(o.Dir, explainKeyError("delete", k, s.User().Name, err))
 		}
 		return printKeyAction(stdout, o, keyActionResult{Action: "delete", Key: k}, "deleted "+keyName(k))

@@ -276,7 +276,7 @@ func TestHSMRestoreKeepsHandlesAndKCVs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.CreateUser(ctx, "alice", hsm.RoleCryptoUser, "alice-pass"); err != nil {
+	if err := s.(hsm.Users).CreateUser(ctx, "alice", hsm.RoleCryptoUser, "alice-pass"); err != nil {
 		t.Fatal(err)
 	}
 	s.Logout(ctx)

@@ -160,7 +160,11 @@ func runHSMUserCreate(ctx context.Context, o hsmUserOptions, stdout, stderr io.W
 		return errors.New("user create needs --username, --role and a new password")
 	}
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		if err := s.CreateUser(ctx, o.Username, o.Role, o.NewPassword); err != nil {
+		users, err := capable[hsm.Users](o.Dir, s, "manage users")
+		if err != nil {
+			return err
+		}
+		if err := users.CreateUser(ctx, o.Username, o.Role, o.NewPassword); err != nil {
 			return userError(o, "create", s.User(), err)
 		}
 		return printUserResult(o, stdout, "created", fmt.Sprintf("created %s %s", o.Role, o.Username))
@@ -176,7 +180,11 @@ func runHSMUserDelete(ctx context.Context, o hsmUserOptions, stdout, stderr io.W
 		if o.Username == s.User().Name {
 			return inCluster(o.Dir, fmt.Errorf("delete user %s: a user cannot delete itself; log in as another crypto officer", o.Username))
 		}
-		if err := s.DeleteUser(ctx, o.Username); err != nil {
+		users, err := capable[hsm.Users](o.Dir, s, "manage users")
+		if err != nil {
+			return err
+		}
+		if err := users.DeleteUser(ctx, o.Username); err != nil {
 			return userError(o, "delete", s.User(), err)
 		}
 		return printUserResult(o, stdout, "deleted", "deleted user "+o.Username)
@@ -189,7 +197,11 @@ func runHSMUserChangePassword(ctx context.Context, o hsmUserOptions, stdout, std
 		return errors.New("change-password needs a user and a new password")
 	}
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		if err := s.ChangePassword(ctx, o.Username, o.NewPassword); err != nil {
+		users, err := capable[hsm.Users](o.Dir, s, "manage users")
+		if err != nil {
+			return err
+		}
+		if err := users.ChangePassword(ctx, o.Username, o.NewPassword); err != nil {
 			return userError(o, "change the password of", s.User(), err)
 		}
 		return printUserResult(o, stdout, "password-changed", "changed the password of "+o.Username)
@@ -199,7 +211,11 @@ func runHSMUserChangePassword(ctx context.Context, o hsmUserOptions, stdout, std
 // runHSMUserList prints every user.
 func runHSMUserList(ctx context.Context, o hsmUserOptions, stdout, stderr io.Writer) error {
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		users, err := s.ListUsers(ctx)
+		u, err := capable[hsm.Users](o.Dir, s, "list users")
+		if err != nil {
+			return err
+		}
+		users, err := u.ListUsers(ctx)
 		if err != nil {
 			return inCluster(o.Dir, fmt.Errorf("list users: %w", err))
 		}

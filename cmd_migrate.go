@@ -107,7 +107,7 @@ func resolvePair(o pairOptions, p *plan.Plan) pairOptions {
 
 // openPlannedPair opens the plan's clusters (or the ones given), checks
 // that they and the users are the planned ones, and lists each once.
-func openPlannedPair(ctx context.Context, e *env, o pairOptions, p *plan.Plan, planPath string) (_ *pair, src, dst plan.Inventory, err error) {
+func openPlannedPair(ctx context.Context, e *env, o pairOptions, p *plan.Plan, planPath string) (_ *pair, src, dst hsm.Inventory, err error) {
 	pr, err := openPair(ctx, e, resolvePair(o, p))
 	if err != nil {
 		return nil, src, dst, err
@@ -252,7 +252,15 @@ func (l *rotationLanes) open(ctx context.Context) (src, dst rotate.Side, err err
 	if l.dst, err = l.pair.dst.moreSessions(ctx, rotationLanesPerCluster); err != nil {
 		return src, dst, err
 	}
-	return rotate.Side{Name: l.pair.src.dir, Sessions: l.src}, rotate.Side{Name: l.pair.dst.dir, Sessions: l.dst}, nil
+	srcLanes, err := rotationLanesOf(l.pair.src.dir, l.src)
+	if err != nil {
+		return src, dst, err
+	}
+	dstLanes, err := rotationLanesOf(l.pair.dst.dir, l.dst)
+	if err != nil {
+		return src, dst, err
+	}
+	return rotate.Side{Name: l.pair.src.dir, Sessions: srcLanes}, rotate.Side{Name: l.pair.dst.dir, Sessions: dstLanes}, nil
 }
 
 func (l *rotationLanes) close(ctx context.Context) {

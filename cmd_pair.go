@@ -7,12 +7,10 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
-	"github.com/keymig/keymig/plan"
 	"github.com/urfave/cli/v2"
 )
 
@@ -143,24 +141,8 @@ func (p *pair) close(ctx context.Context) {
 
 // inventory lists one side once: cluster facts, the user, user names and
 // every key the user can see.
-func (s side) inventory(ctx context.Context) (plan.Inventory, error) {
-	info, err := s.session.Info(ctx)
-	if err != nil {
-		return plan.Inventory{}, inCluster(s.dir, err)
-	}
-	users, err := s.session.ListUsers(ctx)
-	if err != nil {
-		return plan.Inventory{}, inCluster(s.dir, fmt.Errorf("listing users: %w", err))
-	}
-	keys, err := s.session.ListKeys(ctx, hsm.Filter{})
-	if err != nil {
-		return plan.Inventory{}, inCluster(s.dir, fmt.Errorf("listing keys: %w", err))
-	}
-	inv := plan.Inventory{Dir: s.dir, Info: info, User: s.session.User(), Keys: keys}
-	for _, u := range users {
-		inv.Users = append(inv.Users, u.Name)
-	}
-	return inv, nil
+func (s side) inventory(ctx context.Context) (hsm.Inventory, error) {
+	return hsm.TakeInventory(ctx, s.session, s.dir)
 }
 
 // measureRTT times a few cheap reads to estimate one round trip.

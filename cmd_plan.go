@@ -6,6 +6,7 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -106,10 +107,31 @@ type planSummary struct {
 	Rotations []plan.Item    `json:"rotations,omitempty"`
 }
 
+// planFlagError names the flag of an option plan could not use.
+func planFlagError(err error) error {
+	var oe *plan.OptionError
+	if !errors.As(err, &oe) {
+		return err
+	}
+	if oe.Value == "" {
+		return fmt.Errorf("--%s: %s", oe.Option, oe.Problem)
+	}
+	return fmt.Errorf("--%s %s: %s", oe.Option, oe.Value, oe.Problem)
+}
+
+// planAdvice tells what to do about a blocked key with the flags of this CLI.
+func planAdvice(code string, it plan.Item) string {
+	if code == plan.ReasonNotExtractable {
+		return fmt.Sprintf("give its data keys with --datakeys %s=FILE to have migrate re-encrypt them under a new key on the target, or restore a backup into a clone and sync it", it.Label)
+	}
+	return ""
+}
+
 func runPlan(ctx context.Context, e *env, o planOptions, stdout io.Writer) error {
 	// Check the options before logging in anywhere.
-	if _, err := plan.Build(plan.Inventory{}, plan.Inventory{}, plan.Options{Filter: o.Filter, Transport: o.Transport, Hash: o.Hash, TransportBits: o.TransportBits}, time.Now()); err != nil {
-		return err
+	opts := plan.Options{Filter: o.Filter, Transport: o.Transport, Hash: o.Hash, TransportBits: o.TransportBits, Advice: planAdvice}
+	if err := opts.Validate(); err != nil {
+		return planFlagError(err)
 	}
 	dataKeys, err := parseDataKeys(o.DataKeys)
 	if err != nil {
@@ -131,7 +153,9 @@ func runPlan(ctx context.Context, e *env, o planOptions, stdout io.Writer) error
 	if err := scanDataKeys(dataKeys, src.Keys); err != nil {
 		return err
 	}
-	pl, err := plan.Build(src, dst, plan.Options{Filter: o.Filter, Transport: o.Transport, Hash: o.Hash, TransportBits: o.TransportBits, DataKeys: dataKeys}, time.Now())
+	opts.DataKeys = dataKeys
+	pl, err := plan.Build(src, dst, opts, time.Now())
+	err = planFlagError(err)
 	if err != nil {
 		return err
 	}

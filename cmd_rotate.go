@@ -135,7 +135,7 @@ Example:
 			}
 			onErr, err := rotate.ParseOnError(c.String("on-error"))
 			if err != nil {
-				return err
+				return fmt.Errorf("--on-error %w", err)
 			}
 			return runRotate(c.Context, e, rotateOptions{
 				envelopeOptions: envelopeOptionsFrom(c),
@@ -152,10 +152,25 @@ type openedCluster struct {
 	dir      string
 	cluster  *cluster.Cluster
 	sessions []hsm.Session
+	lanes    []rotate.Session // the same sessions, as a rotation uses them
 }
 
 func (o *openedCluster) side() rotate.Side {
-	return rotate.Side{Name: o.dir, Sessions: o.sessions}
+	return rotate.Side{Name: o.dir, Sessions: o.lanes}
+}
+
+// rotationLanesOf checks that sessions can do what a rotation needs of
+// them (delete the session objects it makes) and returns them as lanes.
+func rotationLanesOf(dir string, sessions []hsm.Session) ([]rotate.Session, error) {
+	lanes := make([]rotate.Session, len(sessions))
+	for i, s := range sessions {
+		l, err := capable[rotate.Session](dir, s, "delete the session objects a rotation unwraps data keys into")
+		if err != nil {
+			return nil, err
+		}
+		lanes[i] = l
+	}
+	return lanes, nil
 }
 
 func (o *openedCluster) close(ctx context.Context) {
@@ -174,6 +189,10 @@ func openClusterSessions(ctx context.Context, dir string, creds hsm.Credentials,
 	o := &openedCluster{dir: dir, cluster: cl}
 	if o.sessions, err = loginSessions(ctx, cl, dir, creds, max(1, n)); err != nil {
 		cl.Close()
+		return nil, err
+	}
+	if o.lanes, err = rotationLanesOf(dir, o.sessions); err != nil {
+		o.close(ctx)
 		return nil, err
 	}
 	return o, nil
@@ -280,7 +299,7 @@ func runRotate(ctx context.Context, e *env, o rotateOptions, stdout, stderr io.W
 	if o.DryRun {
 		rep, err := rotate.DryRun(ctx, cfg)
 		if err != nil {
-			return err
+			return masterFlag(err)
 		}
 		return printRotateDryRun(stdout, o.Output, rep, o.In)
 	}
@@ -296,13 +315,14 @@ func runRotate(ctx context.Context, e *env, o rotateOptions, stdout, stderr io.W
 		cfg.Progress = runner.NewProgress(stderr, isTerminal(stderr), e.log, "records", 5*time.Second)
 	}
 	rep, err := rotate.Run(ctx, j, cfg)
+	err = masterFlag(err)
 	if perr := printRotateReport(stdout, o.Output, rep, o.Journal); perr != nil && err == nil {
 		err = perr
 	}
 	var rec *rotate.RecordError
 	switch {
 	case errors.As(err, &rec):
-		return err
+		return fmt.Errorf("%s; fix the record, or run with --on-error skip to write such records to the rejects file and go on", rec.Problem())
 	case rep.Summary.Interrupted || (err != nil && ctx.Err() != nil):
 		return errInterrupted
 	case err != nil:
@@ -311,6 +331,17 @@ func runRotate(ctx context.Context, e *env, o rotateOptions, stdout, stderr io.W
 		return fmt.Errorf("the rotation did not finish (%d batch(es) failed); see keymig journal show --journal %s, fix the cause and run the same command again", max(1, rep.Summary.Failed), o.Journal)
 	}
 	return nil
+}
+
+// masterFlag names the flag that selected a master key rotate could not
+// find: the library says "the old master", the user typed --from-key.
+func masterFlag(err error) error {
+	var me *rotate.MasterError
+	if !errors.As(err, &me) {
+		return err
+	}
+	flag := map[rotate.MasterRole]string{rotate.OldMaster: "--from-key", rotate.NewMaster: "--to-key", rotate.AnyMaster: "--master"}[me.Role]
+	return fmt.Errorf("cluster %s: %s: %w", me.Cluster, flag, me.Err)
 }
 
 func printRotateReport(w io.Writer, out outputFormat, rep rotate.Report, journalPath string) error {

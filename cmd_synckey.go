@@ -14,6 +14,7 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/internal/clonediff"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
 	"github.com/keymig/keymig/synckey"
@@ -196,7 +197,11 @@ func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io
 			return err
 		}
 		defer pr.close(ctx)
-		s := synckey.New(synckey.Pair{Source: pr.src.session, Target: pr.dst.session, SourceDir: o.SourceDir, TargetDir: o.TargetDir}, j, opts)
+		sp, err := synckeyPair(pr)
+		if err != nil {
+			return err
+		}
+		s := synckey.New(sp, j, opts)
 		res, err := s.Sync(ctx)
 		if perr := printSynckey(stdout, o, res, err); perr != nil && err == nil {
 			err = perr
@@ -239,6 +244,20 @@ func wakeOnSIGUSR1() (<-chan struct{}, func()) {
 	return wake, func() { signal.Stop(sig); close(sig) }
 }
 
+// synckeyPair is the two clusters of a sync, each checked to move masked
+// objects: only clones do, and a backend without them cannot be one.
+func synckeyPair(pr *pair) (synckey.Pair, error) {
+	src, err := capable[synckey.Clone](pr.src.dir, pr.src.session, "export masked objects, so it cannot be synced as a clone (use plan and migrate)")
+	if err != nil {
+		return synckey.Pair{}, err
+	}
+	dst, err := capable[synckey.Clone](pr.dst.dir, pr.dst.session, "insert masked objects, so it cannot be synced as a clone (use plan and migrate)")
+	if err != nil {
+		return synckey.Pair{}, err
+	}
+	return synckey.Pair{Source: src, Target: dst, SourceDir: pr.src.dir, TargetDir: pr.dst.dir}, nil
+}
+
 func absPath(p string) string {
 	if a, err := filepath.Abs(p); err == nil {
 		return a
@@ -268,14 +287,18 @@ func synckeyDryRun(ctx context.Context, o synckeyOptions, opts synckey.Options, 
 	}
 	defer pr.close(ctx)
 	opts.Yes = false
-	s := synckey.New(synckey.Pair{Source: pr.src.session, Target: pr.dst.session, SourceDir: o.SourceDir, TargetDir: o.TargetDir}, nil, opts)
+	sp, err := synckeyPair(pr)
+	if err != nil {
+		return err
+	}
+	s := synckey.New(sp, nil, opts)
 	d, _, _, err := s.Diff(ctx)
 	if err != nil {
 		return err
 	}
 	rows := d.Rows
 	for i := range rows {
-		if rows[i].Mark == synckey.MarkSource {
+		if rows[i].Mark == clonediff.MarkSource {
 			rows[i].Detail = "on the source only: would copy"
 		}
 	}
@@ -318,10 +341,10 @@ func printSynckey(w io.Writer, o synckeyOptions, res synckey.Result, runErr erro
 	t := newTable(w)
 	var targetOnly int
 	for _, r := range res.Rows {
-		if r.Mark == synckey.MarkTarget {
+		if r.Mark == clonediff.MarkTarget {
 			targetOnly++
 		}
-		if r.Mark != synckey.MarkSame {
+		if r.Mark != clonediff.MarkSame {
 			t.row(r.Mark, r.Ref.String(), fmt.Sprintf("%q", r.Label), r.Detail)
 		}
 	}

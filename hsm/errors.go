@@ -25,6 +25,10 @@ const (
 	// non-retryable condition callers must act on (delete keys or raise the
 	// cluster's limit), so it gets its own code rather than invalid-input.
 	CodeCapacity Code = "capacity"
+	// CodeUnsupported says the backend lacks a capability altogether (a
+	// PKCS#11 token has no owners, shares or masked objects), as opposed
+	// to a mechanism it does not offer.
+	CodeUnsupported Code = "unsupported"
 )
 
 // Retryable reports whether an operation that failed with this code may
@@ -90,6 +94,7 @@ var (
 	ErrInvalidInput         = &Error{Code: CodeInvalidInput}
 	ErrIntegrity            = &Error{Code: CodeIntegrity}
 	ErrCapacity             = &Error{Code: CodeCapacity}
+	ErrUnsupported          = &Error{Code: CodeUnsupported}
 )
 
 // UnwrapFailedMessage is the one message of every unwrap failure, whatever

@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -16,21 +17,22 @@ type Backend interface {
 	Close() error
 }
 
-// Session is a logged-in user's view of an HSM or cluster. All methods are
-// safe for concurrent use. The user's role and ownership decide what each
-// call may do, as in CloudHSM.
+// Session is a logged-in user's view of an HSM or cluster: the core that
+// every backend has, a PKCS#11 token as much as the included cluster. All
+// methods are safe for concurrent use. The user's role and ownership decide
+// what each call may do, as in CloudHSM.
+//
+// What not every backend can do is an optional capability, a separate
+// interface a session may also implement: Sharer, AttributeSetter,
+// KeyDeleter, Masker and Users. Callers discover them with a type
+// assertion, or with As, whose error names the backend and what it lacks.
 type Session interface {
 	KeyGenerator
 	KeyFinder
 	Wrapper
 	Unwrapper
 	Cipher
-	Sharer
-	AttributeSetter
-	KeyDeleter
 	PublicKeys
-	Masker
-	Users
 	// Info describes the cluster (or single HSM) behind the session.
 	Info(ctx context.Context) (ClusterInfo, error)
 	// User is the logged-in user's name and role.
@@ -38,6 +40,62 @@ type Session interface {
 	// Logout ends the session and destroys its session keys. It is
 	// idempotent.
 	Logout(ctx context.Context) error
+}
+
+// FullSession is a session with every optional capability, as a CloudHSM
+// cluster gives (the included one, local or remote): what a cluster needs
+// from each of its members, and what the CloudHSM conformance suite tests.
+type FullSession interface {
+	Session
+	Sharer
+	AttributeSetter
+	KeyDeleter
+	Masker
+	Users
+}
+
+// Capabilities says which optional capabilities a session has.
+type Capabilities struct {
+	Share        bool `json:"share"`         // Sharer
+	SetAttribute bool `json:"set-attribute"` // AttributeSetter
+	Delete       bool `json:"delete"`        // KeyDeleter
+	Masked       bool `json:"masked"`        // Masker: masked export and insert, between clones
+	Users        bool `json:"users"`         // Users: CloudHSM users and roles
+}
+
+// CapabilitiesOf reports the optional capabilities s implements.
+func CapabilitiesOf(s Session) Capabilities {
+	_, share := s.(Sharer)
+	_, attr := s.(AttributeSetter)
+	_, del := s.(KeyDeleter)
+	_, masked := s.(Masker)
+	_, users := s.(Users)
+	return Capabilities{Share: share, SetAttribute: attr, Delete: del, Masked: masked, Users: users}
+}
+
+// BackendNamer is implemented by sessions that can say what they are, for
+// errors ("PKCS#11 token legacy", "keymig cluster cluster-abc").
+type BackendNamer interface {
+	BackendName() string
+}
+
+// BackendName is what s says it is, or a description of its type.
+func BackendName(s Session) string {
+	if n, ok := s.(BackendNamer); ok {
+		return n.BackendName()
+	}
+	return fmt.Sprintf("a %T backend", s)
+}
+
+// As returns s as the capability T (Sharer, Masker, ...), or an
+// unsupported error that names the backend and what it cannot do, in the
+// words of doing (e.g. "share keys").
+func As[T any](s Session, doing string) (T, error) {
+	if c, ok := s.(T); ok {
+		return c, nil
+	}
+	var zero T
+	return zero, Errorf(CodeUnsupported, "", 0, "%s cannot %s", BackendName(s), doing)
 }
 
 // KeyGenerator makes new keys inside the HSM.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -238,7 +239,7 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 	}
 	if !slices.Equal(target.KCV, pi.KCV) {
 		// A key with the wrong check value must not stay on the target.
-		derr := m.dst.DeleteKey(context.WithoutCancel(ctx), target.Ref)
+		derr := deleteKey(context.WithoutCancel(ctx), m.dst, target.Ref)
 		msg := fmt.Sprintf("key %s (label %q): the target key %s has check value %s, the source key %s; the target key was deleted",
 			pi.Ref, pi.Label, target.Ref, target.KCV, pi.KCV)
 		if derr != nil {
@@ -248,10 +249,8 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 		return it, permanent(errors.New(msg))
 	}
 	if pi.Method != plan.MethodMasked {
-		for _, u := range pi.Shares {
-			if err := m.dst.ShareKey(ctx, target.Ref, u); err != nil {
-				return it, fmt.Errorf("key %s (label %q): sharing target key %s with %s: %w", pi.Ref, pi.Label, target.Ref, u, err)
-			}
+		if err := m.share(ctx, pi, target.Ref); err != nil {
+			return it, err
 		}
 	}
 	if err := m.waitCoverage(ctx, pi, target); err != nil {
@@ -282,14 +281,22 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 	tmpl := template(pi)
 	switch pi.Method {
 	case plan.MethodMasked:
-		blob, err := m.src.ExportMasked(ctx, pi.Ref)
+		src, err := hsm.As[hsm.Masker](m.src, "export masked objects")
+		if err != nil {
+			return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s (label %q): the source: %w", pi.Ref, pi.Label, err))
+		}
+		dst, err := hsm.As[hsm.Masker](m.dst, "insert masked objects")
+		if err != nil {
+			return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s (label %q): the target: %w", pi.Ref, pi.Label, err))
+		}
+		blob, err := src.ExportMasked(ctx, pi.Ref)
 		if err != nil {
 			return hsm.KeyInfo{}, fmt.Errorf("key %s (label %q): masked export from the source: %w", pi.Ref, pi.Label, err)
 		}
 		if err := act(); err != nil {
 			return hsm.KeyInfo{}, err
 		}
-		k, err := m.dst.InsertMasked(ctx, blob)
+		k, err := dst.InsertMasked(ctx, blob)
 		if err != nil {
 			return k, fmt.Errorf("key %s (label %q): masked insert into the target: %w", pi.Ref, pi.Label, err)
 		}
@@ -333,6 +340,33 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		return k, fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err)
 	}
 	return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
+}
+
+// share shares the target key made for pi with the users the plan lists.
+// The plan lists none for a target that cannot share (it says so).
+func (m *Migration) share(ctx context.Context, pi plan.Item, ref hsm.KeyRef) error {
+	if len(pi.Shares) == 0 {
+		return nil
+	}
+	s, err := hsm.As[hsm.Sharer](m.dst, "share keys")
+	if err != nil {
+		return permanent(fmt.Errorf("key %s (label %q): the plan shares it with %s, but the target %w; re-plan", pi.Ref, pi.Label, strings.Join(pi.Shares, ", "), err))
+	}
+	for _, u := range pi.Shares {
+		if err := s.ShareKey(ctx, ref, u); err != nil {
+			return fmt.Errorf("key %s (label %q): sharing target key %s with %s: %w", pi.Ref, pi.Label, ref, u, err)
+		}
+	}
+	return nil
+}
+
+// deleteKey deletes ref from s if s can delete keys.
+func deleteKey(ctx context.Context, s hsm.Session, ref hsm.KeyRef) error {
+	d, err := hsm.As[hsm.KeyDeleter](s, "delete keys")
+	if err != nil {
+		return err
+	}
+	return d.DeleteKey(ctx, ref)
 }
 
 // template carries the source key's label, id and attributes to the

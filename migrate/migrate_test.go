@@ -41,7 +41,7 @@ func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := co.CreateUser(ctx, user.User, hsm.RoleCryptoUser, user.Password); err != nil {
+	if err := co.(hsm.Users).CreateUser(ctx, user.User, hsm.RoleCryptoUser, user.Password); err != nil {
 		t.Fatal(err)
 	}
 	co.Logout(ctx)
@@ -53,28 +53,15 @@ func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
 	return c, s
 }
 
-func inventory(t *testing.T, dir string, s hsm.Session) plan.Inventory {
+func inventory(t *testing.T, dir string, s hsm.Session) hsm.Inventory {
 	return benchInventory(t, dir, s)
 }
 
-func benchInventory(t testing.TB, dir string, s hsm.Session) plan.Inventory {
+func benchInventory(t testing.TB, dir string, s hsm.Session) hsm.Inventory {
 	t.Helper()
-	ctx := context.Background()
-	info, err := s.Info(ctx)
+	inv, err := hsm.TakeInventory(context.Background(), s, dir)
 	if err != nil {
 		t.Fatal(err)
-	}
-	keys, err := s.ListKeys(ctx, hsm.Filter{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	users, err := s.ListUsers(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	inv := plan.Inventory{Dir: dir, Info: info, User: s.User(), Keys: keys}
-	for _, u := range users {
-		inv.Users = append(inv.Users, u.Name)
 	}
 	return inv
 }

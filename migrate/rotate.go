@@ -65,10 +65,8 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 		m.adopted.Add(1)
 		m.log.Info("taking up the new master found on the target", "key", pi.Ref, "label", pi.Label, "target", master.Ref)
 	}
-	for _, u := range pi.Shares {
-		if err := m.dst.ShareKey(ctx, master.Ref, u); err != nil {
-			return it, fmt.Errorf("key %s (label %q): sharing the new master %s with %s: %w", pi.Ref, pi.Label, master.Ref, u, err)
-		}
+	if err := m.share(ctx, pi, master.Ref); err != nil {
+		return it, err
 	}
 	if err := m.waitCoverage(ctx, pi, *master); err != nil {
 		return it, err

@@ -108,7 +108,7 @@ func (t *transport) close(ctx context.Context, log *slog.Logger) {
 		if k.ref == 0 {
 			continue
 		}
-		if err := k.s.DeleteKey(ctx, k.ref); err != nil && log != nil {
+		if err := deleteKey(ctx, k.s, k.ref); err != nil && log != nil {
 			log.Warn("could not delete a transport key; it is a session key and goes away at logout", "cluster", k.side, "key", k.ref, "err", err)
 		}
 	}

@@ -2,7 +2,6 @@ package plan
 
 import (
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -10,7 +9,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/synckey"
+	"github.com/keymig/keymig/internal/clonediff"
 )
 
 // AutoSessionKEKThreshold is how many transfers make auto choose
@@ -72,42 +71,23 @@ func TargetDigest(keys []hsm.KeyInfo, items []Item) string {
 
 // Build classifies every source key opts selects. It is pure: inventories
 // in, plan out.
-func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
-	filter, err := hsm.ParseFilter(opts.Filter)
-	if err != nil {
+func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
+	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	if opts.Hash == "" {
-		opts.Hash = "sha256"
-	}
-	if opts.TransportBits == 0 {
-		opts.TransportBits = 3072
-	}
-	if opts.Transport == "" {
-		opts.Transport = "auto"
-	}
-	switch opts.Transport {
-	case "auto", string(MethodRSAAES), string(MethodRSAOAEP), string(MethodSessionKEK):
-	default:
-		return nil, fmt.Errorf("--transport %q: want auto, rsa-aes, rsa-oaep or session-kek", opts.Transport)
-	}
-	if opts.TransportBits < 2048 || opts.TransportBits > 4096 || opts.TransportBits%1024 != 0 {
-		return nil, fmt.Errorf("--transport-bits %d: want 2048, 3072 or 4096", opts.TransportBits)
-	}
-	hashBytes, ok := map[string]int{"sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64}[opts.Hash]
-	if !ok {
-		return nil, fmt.Errorf("--hash %q: want sha1, sha224, sha256, sha384 or sha512", opts.Hash)
-	}
+	opts = opts.withDefaults()
+	filter, _ := hsm.ParseFilter(opts.Filter)
+	hashBytes := hashSizes[opts.Hash]
 	dataKeys, err := dataKeysByLabel(opts.DataKeys)
 	if err != nil {
 		return nil, err
 	}
-	clones := src.Info.Lineage != "" && src.Info.Lineage == dst.Info.Lineage
-	var cmp *synckey.Comparer
+	// Clones exchange masked objects; a backend without them (a PKCS#11
+	// token) is never one end of a clone pair, whatever it says.
+	clones := src.Info.Lineage != "" && src.Info.Lineage == dst.Info.Lineage && src.Can.Masked && dst.Can.Masked
+	var cmp *clonediff.Comparer
 	if clones {
-		cmp = synckey.NewComparer(
-			synckey.Side{Dir: src.Dir, Info: src.Info, User: src.User, Users: src.Users, Keys: src.Keys},
-			synckey.Side{Dir: dst.Dir, Info: dst.Info, User: dst.User, Users: dst.Users, Keys: dst.Keys})
+		cmp = clonediff.NewComparer(src, dst)
 	}
 	if src.Info.ID != "" && src.Info.ID == dst.Info.ID {
 		return nil, fmt.Errorf("source and target are the same cluster (%s): nothing can move", src.Info.ID)
@@ -166,10 +146,10 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 		case clones:
 			// Between clones, plan and synckey judge a key by the same rules.
 			switch r := cmp.Key(k); r.Mark {
-			case synckey.MarkSame:
+			case clonediff.MarkSame:
 				it.Action, it.TargetRef = Skip, k.Ref
 				it.Reason = "already on the target clone: same handle, check value, attributes and shares"
-			case synckey.MarkSource:
+			case clonediff.MarkSource:
 				it.Action, it.Method = Sync, MethodMasked
 			default:
 				block(r.Reason, "%s", r.Detail)
@@ -204,13 +184,14 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 			case k.Owner != src.User.Name && k.Class != hsm.ClassPublic:
 				block(ReasonNotOwner, "owned by %s, shared with %s: only the owner can wrap it; plan again logged in as %s", k.Owner, src.User.Name, k.Owner)
 			case !k.Attrs.Extractable && k.Class != hsm.ClassPublic:
-				block(ReasonNotExtractable, "not extractable: it cannot leave its HSM; give its data keys with --datakeys %s=FILE to have migrate re-encrypt them under a new key on the target, or restore a backup into a clone and sync it", k.Label)
+				block(ReasonNotExtractable, "not extractable: it cannot leave its HSM; %s", opts.advise(ReasonNotExtractable, it,
+					"give its data-key file when planning, to have migrate re-encrypt its data keys under a new key on the target, or restore a backup into a clone and sync it"))
 			case k.Attrs.WrapWithTrusted:
 				block(ReasonWrapWithTrusted, "wrap-with-trusted: only a trusted key may wrap it and keymig's transport key is not trusted; migrate it by a clone and sync")
 			case len(k.ID) > 0 && byOwnerID[dst.User.Name+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)].Ref != 0:
 				t := byOwnerID[dst.User.Name+"/"+string(k.Class)+"/"+hex.EncodeToString(k.ID)]
 				block(ReasonConflict, "id %s is already used on the target by %s with another KCV (%s there, %s here); keymig never overwrites a key", k.ID, t.Ref, t.KCV, k.KCV)
-			default:
+			case dst.Can.Users:
 				if missing := missingUsers(k.SharedWith, users); len(missing) > 0 {
 					block(ReasonUserMissing, "shared with %s, who does not exist on the target; create the user there (keymig hsm user create) and re-plan", strings.Join(missing, ", "))
 				}
@@ -231,6 +212,14 @@ func Build(src, dst Inventory, opts Options, now time.Time) (*Plan, error) {
 		p.Items = append(p.Items, it)
 	}
 
+	if !dst.Can.Share {
+		for i := range p.Items {
+			if it := &p.Items[i]; len(it.Shares) > 0 && (it.Action == Transfer || it.Action == Rotate) {
+				it.NotPreserved = fmt.Sprintf("shared with %s on the source; shares are not carried over: the target %s cannot share keys", strings.Join(it.Shares, ", "), dst.Name)
+				it.Shares = nil
+			}
+		}
+	}
 	p.Transport = chooseTransport(p.Items, opts)
 	for i := range p.Items {
 		it := &p.Items[i]
@@ -257,10 +246,10 @@ func dataKeysByLabel(dks []DataKeys) (map[string]DataKeys, error) {
 	out := make(map[string]DataKeys, len(dks))
 	for _, dk := range dks {
 		if dk.Label == "" || dk.In == "" {
-			return nil, fmt.Errorf("--datakeys %s=%s: want LABEL=FILE, the master key's label and its data-key file", dk.Label, dk.In)
+			return nil, &OptionError{"datakeys", dk.Label + "=" + dk.In, "want LABEL=FILE, the master key's label and its data-key file"}
 		}
 		if prev, ok := out[dk.Label]; ok {
-			return nil, fmt.Errorf("--datakeys names label %q twice (%s and %s): give one data-key file per master key", dk.Label, prev.In, dk.In)
+			return nil, &OptionError{"datakeys", dk.Label + "=" + dk.In, fmt.Sprintf("label %q is named twice (%s and %s): give one data-key file per master key", dk.Label, prev.In, dk.In)}
 		}
 		out[dk.Label] = dk
 	}
@@ -274,7 +263,7 @@ func checkDataKeyLabels(dataKeys map[string]DataKeys, selected []hsm.KeyInfo, cl
 		return nil
 	}
 	if clones {
-		return errors.New("--datakeys: the clusters are clones, so every key is copied as it is, non-extractable ones included, and its data keys stay valid; drop --datakeys")
+		return &OptionError{"datakeys", "", "the clusters are clones, so every key is copied as it is, non-extractable ones included, and its data keys stay valid; give no data-key files"}
 	}
 	byLabel := map[string][]hsm.KeyInfo{}
 	for _, k := range selected {
@@ -285,17 +274,17 @@ func checkDataKeyLabels(dataKeys map[string]DataKeys, selected []hsm.KeyInfo, cl
 	for _, label := range sortedLabels(dataKeys) {
 		switch ks := byLabel[label]; len(ks) {
 		case 0:
-			return fmt.Errorf("--datakeys %s=%s: no selected source key is labelled %q; check the label (keymig hsm key list) and --filter", label, dataKeys[label].In, label)
+			return &OptionError{"datakeys", label + "=" + dataKeys[label].In, fmt.Sprintf("no selected source key is labelled %q; check the label (keymig hsm key list) and the filter", label)}
 		case 1:
 			if k := ks[0]; k.Class != hsm.ClassSecret || k.Type != hsm.TypeAES {
-				return fmt.Errorf("--datakeys %s=%s: key %s labelled %q is an %s %s key; a master key of data keys is an AES secret key", label, dataKeys[label].In, k.Ref, label, k.Type, k.Class)
+				return &OptionError{"datakeys", label + "=" + dataKeys[label].In, fmt.Sprintf("key %s labelled %q is an %s %s key; a master key of data keys is an AES secret key", k.Ref, label, k.Type, k.Class)}
 			}
 		default:
 			refs := make([]string, len(ks))
 			for i, k := range ks {
 				refs[i] = k.Ref.String()
 			}
-			return fmt.Errorf("--datakeys %s=%s: %d selected source keys are labelled %q (%s); narrow --filter to the master key of these data keys", label, dataKeys[label].In, len(ks), label, strings.Join(refs, ", "))
+			return &OptionError{"datakeys", label + "=" + dataKeys[label].In, fmt.Sprintf("%d selected source keys are labelled %q (%s); narrow the filter to the master key of these data keys", len(ks), label, strings.Join(refs, ", "))}
 		}
 	}
 	return nil
@@ -314,9 +303,9 @@ func sortedLabels(m map[string]DataKeys) []string {
 // leave its HSM, blocked if its data keys cannot be rotated as they are.
 // A key that would transfer is an error: its data keys stay valid as they
 // are, and rotating them anyway is a separate decision (keymig rotate).
-func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst Inventory, users map[string]bool) error {
+func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst hsm.Inventory, users map[string]bool) error {
 	if it.Action == Transfer {
-		return fmt.Errorf("--datakeys %s=%s: key %s is transferred with its key material, so its data keys stay valid as they are; drop --datakeys for it (or rotate them on their own with keymig rotate)", dk.Label, dk.In, k.Ref)
+		return &OptionError{"datakeys", dk.Label + "=" + dk.In, fmt.Sprintf("key %s is transferred with its key material, so its data keys stay valid as they are; give no data-key file for it (or rotate them on their own with keymig rotate)", k.Ref)}
 	}
 	switch it.ReasonCode {
 	case ReasonNotExtractable, ReasonWrapWithTrusted, ReasonNotOwner:
@@ -342,8 +331,8 @@ func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst Inventory, users m
 	case dk.Bad > 0:
 		block("%s has %d bad line(s) (first: %s); fix or remove them, then re-plan", dk.In, dk.Bad, dk.Problem)
 	case dk.Records == 0:
-		block("%s holds no data keys; check the file, or drop --datakeys and the key stays where it is", dk.In)
-	default:
+		block("%s holds no data keys; check the file, or give none and the key stays where it is", dk.In)
+	case dst.Can.Users:
 		if missing := missingUsers(k.SharedWith, users); len(missing) > 0 {
 			block("shared with %s, who does not exist on the target; create the user there (keymig hsm user create) and re-plan", strings.Join(missing, ", "))
 		}
@@ -384,14 +373,14 @@ func chooseTransport(items []Item, opts Options) Transport {
 		}
 	default:
 		t.Method = Method(opts.Transport)
-		t.Why = "chosen with --transport"
+		t.Why = "chosen by the plan's transport option"
 	}
 	return t
 }
 
-func side(inv Inventory) Cluster {
+func side(inv hsm.Inventory) Cluster {
 	return Cluster{
-		Dir: inv.Dir, ID: inv.Info.ID, Region: inv.Info.Region, Lineage: inv.Info.Lineage,
+		Dir: inv.Name, ID: inv.Info.ID, Region: inv.Info.Region, Lineage: inv.Info.Lineage,
 		User: inv.User.Name, FIPS: inv.Info.Policy.FIPS, Capacity: inv.Info.Policy.KeyCapacity, Keys: inv.Info.Keys,
 	}
 }

@@ -27,7 +27,14 @@ func TestBuildDataKeys(t *testing.T) {
 	)
 	bad := dk("kf")
 	bad.Bad, bad.Problem = 2, "line 3: not JSON"
-	p, err := Build(src, dst, Options{DataKeys: []DataKeys{dk("ka"), dk("kc"), dk("kd"), dk("ke"), bad, dk("kg")}}, now)
+	// The caller's advice names its own flag (the CLI's --datakeys).
+	advice := func(code string, it Item) string {
+		if code == ReasonNotExtractable {
+			return "give its data keys with --datakeys " + it.Label + "=FILE"
+		}
+		return ""
+	}
+	p, err := Build(src, dst, Options{DataKeys: []DataKeys{dk("ka"), dk("kc"), dk("kd"), dk("ke"), bad, dk("kg")}, Advice: advice}, now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,6 +62,9 @@ func TestBuildDataKeys(t *testing.T) {
 	}
 	if !strings.Contains(p.Items[1].Reason, "--datakeys kb=FILE") {
 		t.Errorf("a non-extractable key without data keys should say how to give them: %q", p.Items[1].Reason)
+	}
+	if p, _ := Build(src, dst, Options{}, now); !strings.Contains(p.Items[1].Reason, "give its data-key file when planning") {
+		t.Errorf("without the caller's advice, plan's own: %q", p.Items[1].Reason)
 	}
 	if p.Work() != 3 {
 		t.Errorf("work %d, want the 3 rotations", p.Work())

@@ -73,8 +73,77 @@ type Options struct {
 	Transport     string   `json:"transport"` // auto, rsa-aes, rsa-oaep, session-kek
 	Hash          string   `json:"hash"`
 	TransportBits int      `json:"transport-bits"`
-	// DataKeys are the data-key files given with --datakeys.
+	// DataKeys are the data-key files of master keys that cannot leave
+	// their HSM, by master label.
 	DataKeys []DataKeys `json:"datakeys,omitempty"`
+	// Advice, if set, says what a user should do about a key blocked with
+	// a reason code, in the caller's words for its own options (the CLI
+	// names its flags); "" keeps plan's own advice. It is not part of the
+	// plan file.
+	Advice func(code string, it Item) string `json:"-"`
+}
+
+// advise is the caller's advice for a key blocked with code, or def.
+func (o Options) advise(code string, it Item, def string) string {
+	if o.Advice != nil {
+		if a := o.Advice(code, it); a != "" {
+			return a
+		}
+	}
+	return def
+}
+
+// OptionError is an option Build cannot use. Option is its name in the
+// plan file's options (transport, hash, transport-bits, datakeys); the
+// CLI shows it as the flag that set it.
+type OptionError struct {
+	Option  string
+	Value   string
+	Problem string
+}
+
+// Error names the option, its value and what is wrong.
+func (e *OptionError) Error() string {
+	return fmt.Sprintf("option %s %s: %s", e.Option, e.Value, e.Problem)
+}
+
+// withDefaults fills in the options left empty.
+func (o Options) withDefaults() Options {
+	if o.Hash == "" {
+		o.Hash = "sha256"
+	}
+	if o.TransportBits == 0 {
+		o.TransportBits = 3072
+	}
+	if o.Transport == "" {
+		o.Transport = "auto"
+	}
+	return o
+}
+
+// hashSizes are the OAEP hashes a plan may choose, by their output size.
+var hashSizes = map[string]int{"sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64}
+
+// Validate checks the options, with defaults filled in, before any
+// cluster is asked anything.
+func (o Options) Validate() error {
+	o = o.withDefaults()
+	if _, err := hsm.ParseFilter(o.Filter); err != nil {
+		return err
+	}
+	switch o.Transport {
+	case "auto", string(MethodRSAAES), string(MethodRSAOAEP), string(MethodSessionKEK):
+	default:
+		return &OptionError{"transport", fmt.Sprintf("%q", o.Transport), "want auto, rsa-aes, rsa-oaep or session-kek"}
+	}
+	if o.TransportBits < 2048 || o.TransportBits > 4096 || o.TransportBits%1024 != 0 {
+		return &OptionError{"transport-bits", fmt.Sprint(o.TransportBits), "want 2048, 3072 or 4096"}
+	}
+	if _, ok := hashSizes[o.Hash]; !ok {
+		return &OptionError{"hash", fmt.Sprintf("%q", o.Hash), "want sha1, sha224, sha256, sha384 or sha512"}
+	}
+	_, err := dataKeysByLabel(o.DataKeys)
+	return err
 }
 
 // DataKeys is a data-key file given for a master key (--datakeys
@@ -123,6 +192,9 @@ type Item struct {
 	Reason     string         `json:"reason,omitempty"`
 	TargetRef  hsm.KeyRef     `json:"target-key-reference,omitempty"` // skip: the key already there; rotate: the new master, if made
 	Rotation   *DataKeys      `json:"rotation,omitempty"`             // rotate: the data keys to re-encrypt
+	// NotPreserved says what of the key the target cannot keep (its shares,
+	// on a backend without them); the key moves without it.
+	NotPreserved string `json:"not-preserved,omitempty"`
 }
 
 // Key is the item's journal key: its source handle.
@@ -258,16 +330,6 @@ func Read(path string) (*Plan, error) {
 		return nil, fmt.Errorf("plan %s: %w", path, err)
 	}
 	return p, nil
-}
-
-// Inventory is one cluster's keys as listed once, with the facts about the
-// cluster a plan depends on.
-type Inventory struct {
-	Dir   string
-	Info  hsm.ClusterInfo
-	User  hsm.User
-	Users []string // user names that exist on the cluster
-	Keys  []hsm.KeyInfo
 }
 
 // InventoryDigest hashes what a plan depends on in keys: handle, label, id,

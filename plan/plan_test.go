@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/synckey"
+	"github.com/keymig/keymig/internal/clonediff"
 )
 
 var now = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
@@ -28,9 +28,12 @@ func aes(ref hsm.KeyRef, id string, kcv string, mod func(*hsm.KeyInfo)) hsm.KeyI
 	return k
 }
 
-func inv(c hsm.ClusterInfo, user string, role hsm.Role, users []string, keys ...hsm.KeyInfo) Inventory {
+// everything is what the included cluster can do.
+var everything = hsm.Capabilities{Share: true, SetAttribute: true, Delete: true, Masked: true, Users: true}
+
+func inv(c hsm.ClusterInfo, user string, role hsm.Role, users []string, keys ...hsm.KeyInfo) hsm.Inventory {
 	c.Keys = len(keys)
-	return Inventory{Dir: "/c/" + c.ID, Info: c, User: hsm.User{Name: user, Role: role}, Users: users, Keys: keys}
+	return hsm.Inventory{Name: "/c/" + c.ID, Info: c, User: hsm.User{Name: user, Role: role}, Users: users, Can: everything, Keys: keys}
 }
 
 func TestBuildClassifies(t *testing.T) {
@@ -142,7 +145,7 @@ func TestBuildClonesSync(t *testing.T) {
 		action Action
 		code   string
 	}{1: {Sync, ""}, 2: {Skip, ""}, 3: {Blocked, ReasonUserMissing}, 4: {Blocked, ReasonUnsynced},
-		5: {Blocked, synckey.ReasonDiffers}, 6: {Blocked, synckey.ReasonOtherKey}}
+		5: {Blocked, clonediff.ReasonDiffers}, 6: {Blocked, clonediff.ReasonOtherKey}}
 	for ref, w := range want {
 		if it := got[ref]; it.Action != w.action || it.ReasonCode != w.code {
 			t.Errorf("key %s: %s/%s (%s), want %s/%s", ref, it.Action, it.ReasonCode, it.Reason, w.action, w.code)

@@ -55,7 +55,7 @@ func Generate(ctx context.Context, cfg GenerateConfig, w io.Writer) (hsm.KeyInfo
 	if len(ss) == 0 {
 		return hsm.KeyInfo{}, fmt.Errorf("cluster %s: no session to work with", cfg.Cluster.Name)
 	}
-	m, err := findMaster(ctx, ss[0], cfg.Cluster.Name, cfg.Master, "--master")
+	m, err := findMaster(ctx, ss[0], cfg.Cluster.Name, cfg.Master, AnyMaster)
 	if err != nil {
 		return hsm.KeyInfo{}, err
 	}
@@ -116,7 +116,7 @@ func Generate(ctx context.Context, cfg GenerateConfig, w io.Writer) (hsm.KeyInfo
 }
 
 // generateOne makes one data key inside the HSM and returns it wrapped.
-func generateOne(ctx context.Context, s hsm.Session, master hsm.KeyRef, bits int, m hsm.Mechanism) ([]byte, error) {
+func generateOne(ctx context.Context, s Session, master hsm.KeyRef, bits int, m hsm.Mechanism) ([]byte, error) {
 	k, err := withRetry(ctx, func() (hsm.KeyInfo, error) {
 		return s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: bits, Template: sessionTemplate()})
 	})

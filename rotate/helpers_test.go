@@ -24,7 +24,7 @@ var (
 
 // testCluster makes an n-HSM cluster with a crypto user and returns
 // `sessions` sessions of that user.
-func testCluster(t testing.TB, dir string, hsms, sessions int) (*cluster.Cluster, []hsm.Session) {
+func testCluster(t testing.TB, dir string, hsms, sessions int) (*cluster.Cluster, []rotate.Session) {
 	t.Helper()
 	ctx := context.Background()
 	keymigtest.CheckAfter(t, dir)
@@ -37,18 +37,18 @@ func testCluster(t testing.TB, dir string, hsms, sessions int) (*cluster.Cluster
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := co.CreateUser(ctx, user.User, hsm.RoleCryptoUser, user.Password); err != nil {
+	if err := co.(hsm.Users).CreateUser(ctx, user.User, hsm.RoleCryptoUser, user.Password); err != nil {
 		t.Fatal(err)
 	}
 	co.Logout(ctx)
-	var ss []hsm.Session
+	var ss []rotate.Session
 	for range sessions {
 		s, err := c.Login(ctx, user)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { s.Logout(context.Background()) })
-		ss = append(ss, s)
+		ss = append(ss, s.(rotate.Session))
 	}
 	return c, ss
 }
@@ -116,7 +116,7 @@ func openJournal(t testing.TB, path string) *journal.Journal {
 }
 
 // noSessionObjects fails if a session can see keys rotate labelled.
-func noSessionObjects(t testing.TB, ss ...hsm.Session) {
+func noSessionObjects(t testing.TB, ss ...rotate.Session) {
 	t.Helper()
 	for _, s := range ss {
 		keys, err := s.ListKeys(context.Background(), hsm.Filter{Attrs: map[hsm.Attr]bool{hsm.AttrToken: false}})

@@ -13,11 +13,19 @@ import (
 	"github.com/keymig/keymig/runner"
 )
 
+// Session is what a rotation needs of a backend: the core, and deleting
+// the session objects it unwraps data keys into as soon as they are used
+// (a million data keys must not pile up until logout).
+type Session interface {
+	hsm.Session
+	hsm.KeyDeleter
+}
+
 // Side is one cluster as rotate sees it: a name for messages (its
 // directory) and one logged-in session per lane, all of the same user.
 type Side struct {
 	Name     string
-	Sessions []hsm.Session
+	Sessions []Session
 }
 
 // sessionLabel labels every session object rotate makes, so that one left
@@ -27,14 +35,14 @@ const sessionLabel = "keymig-rotate"
 // lane is one path a data key takes: a source session and, across
 // clusters, a target session with the transport KEK shared by the two.
 type lane struct {
-	src, dst hsm.Session
+	src, dst Session
 	srcKEK   hsm.KeyRef // source: session AES-256 KEK, wrap
 	dstKEK   hsm.KeyRef // target: the same KEK, unwrap
 	extra    []keyOn    // transport keys to delete at close
 }
 
 type keyOn struct {
-	s    hsm.Session
+	s    Session
 	ref  hsm.KeyRef
 	side string
 }
@@ -174,7 +182,7 @@ type RecordError struct {
 
 // Error names the file, line and id, and says what to do.
 func (e *RecordError) Error() string {
-	return e.Problem() + "; fix the record, or run with --on-error skip to write such records to the rejects file and go on"
+	return e.Problem() + "; fix the record, or rotate under the skip policy to write such records to the rejects file and go on"
 }
 
 // Problem names the file, line and id and says what is wrong, without the
@@ -211,7 +219,7 @@ func withRetry[T any](ctx context.Context, op func() (T, error)) (T, error) {
 }
 
 // unwrapSession unwraps ct under key into a session object of s.
-func unwrapSession(ctx context.Context, s hsm.Session, m hsm.Mechanism, key hsm.KeyRef, ct []byte) (hsm.KeyInfo, error) {
+func unwrapSession(ctx context.Context, s Session, m hsm.Mechanism, key hsm.KeyRef, ct []byte) (hsm.KeyInfo, error) {
 	return withRetry(ctx, func() (hsm.KeyInfo, error) {
 		return s.UnwrapKey(ctx, hsm.UnwrapRequest{Mechanism: m, UnwrappingKey: key, Blob: ct,
 			Class: hsm.ClassSecret, Type: hsm.TypeAES, Template: sessionTemplate()})
@@ -219,14 +227,14 @@ func unwrapSession(ctx context.Context, s hsm.Session, m hsm.Mechanism, key hsm.
 }
 
 // wrap wraps payload under key.
-func wrapWith(ctx context.Context, s hsm.Session, m hsm.Mechanism, key, payload hsm.KeyRef) ([]byte, error) {
+func wrapWith(ctx context.Context, s Session, m hsm.Mechanism, key, payload hsm.KeyRef) ([]byte, error) {
 	return withRetry(ctx, func() ([]byte, error) {
 		return s.WrapKey(ctx, hsm.WrapRequest{Mechanism: m, WrappingKey: key, Payload: payload})
 	})
 }
 
 // drop deletes a session object, even if ctx was cancelled meanwhile.
-func drop(ctx context.Context, s hsm.Session, ref hsm.KeyRef) error {
+func drop(ctx context.Context, s Session, ref hsm.KeyRef) error {
 	ctx = context.WithoutCancel(ctx)
 	_, err := withRetry(ctx, func() (struct{}, error) {
 		err := s.DeleteKey(ctx, ref)

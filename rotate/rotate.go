@@ -35,7 +35,7 @@ const (
 	Skip OnError = "skip" // write it to the rejects file and go on
 )
 
-// ParseOnError checks an --on-error value.
+// ParseOnError reads a bad-record policy: stop (also "") or skip.
 func ParseOnError(s string) (OnError, error) {
 	switch o := OnError(strings.ToLower(strings.TrimSpace(s))); o {
 	case Stop, Skip:
@@ -43,7 +43,7 @@ func ParseOnError(s string) (OnError, error) {
 	case "":
 		return Stop, nil
 	}
-	return "", fmt.Errorf("--on-error %q: want stop or skip", s)
+	return "", fmt.Errorf("%q: want stop or skip", s)
 }
 
 // ParseAlg checks an alg name ("" keeps each record's own).
@@ -144,18 +144,47 @@ func (r resolved) String() string {
 	return fmt.Sprintf("%q kcv %s (%s in %s)", r.Label, r.KCV, r.Ref, r.cluster)
 }
 
+// MasterRole says which master key a MasterError is about.
+type MasterRole string
+
+// The master keys a filter selects.
+const (
+	OldMaster MasterRole = "old master" // Config.From
+	NewMaster MasterRole = "new master" // Config.To
+	AnyMaster MasterRole = "master"     // GenerateConfig.Master
+)
+
+// MasterError says the filter of a master key did not select exactly one
+// AES secret key. The CLI names the flag that holds the filter.
+type MasterError struct {
+	Role    MasterRole
+	Cluster string
+	Err     error
+}
+
+// Error names the cluster and the master.
+func (e *MasterError) Error() string {
+	return fmt.Sprintf("cluster %s: the %s: %v", e.Cluster, e.Role, e.Err)
+}
+
+// Unwrap returns what went wrong.
+func (e *MasterError) Unwrap() error { return e.Err }
+
 // findMaster selects the one key f matches in s.
-func findMaster(ctx context.Context, s hsm.Session, name string, f hsm.Filter, flag string) (resolved, error) {
+func findMaster(ctx context.Context, s hsm.KeyFinder, name string, f hsm.Filter, role MasterRole) (resolved, error) {
+	fail := func(err error) (resolved, error) {
+		return resolved{}, &MasterError{Role: role, Cluster: name, Err: err}
+	}
 	keys, err := s.ListKeys(ctx, f)
 	if err != nil {
-		return resolved{}, fmt.Errorf("cluster %s: listing keys for %s: %w", name, flag, err)
+		return fail(fmt.Errorf("listing keys: %w", err))
 	}
 	k, err := hsm.SelectOne(keys, f)
 	if err != nil {
-		return resolved{}, fmt.Errorf("cluster %s: %s: %w", name, flag, err)
+		return fail(err)
 	}
 	if k.Class != hsm.ClassSecret || k.Type != hsm.TypeAES {
-		return resolved{}, fmt.Errorf("cluster %s: %s selects %s, an %s %s: a master key is an AES secret key", name, flag, k.Ref, k.Type, k.Class)
+		return fail(fmt.Errorf("selects %s, an %s %s: a master key is an AES secret key", k.Ref, k.Type, k.Class))
 	}
 	return resolved{KeyInfo: k, cluster: name}, nil
 }
@@ -163,7 +192,7 @@ func findMaster(ctx context.Context, s hsm.Session, name string, f hsm.Filter, f
 // Masters resolves the old and new master keys of cfg and checks they can
 // do their jobs.
 func Masters(ctx context.Context, cfg *Config) (from, to resolved, err error) {
-	from, err = findMaster(ctx, cfg.Source.Sessions[0], cfg.Source.Name, cfg.From, "--from-key")
+	from, err = findMaster(ctx, cfg.Source.Sessions[0], cfg.Source.Name, cfg.From, OldMaster)
 	if err != nil {
 		return
 	}
@@ -171,7 +200,7 @@ func Masters(ctx context.Context, cfg *Config) (from, to resolved, err error) {
 	if cfg.Target != nil {
 		dst = *cfg.Target
 	}
-	to, err = findMaster(ctx, dst.Sessions[0], dst.Name, cfg.To, "--to-key")
+	to, err = findMaster(ctx, dst.Sessions[0], dst.Name, cfg.To, NewMaster)
 	if err != nil {
 		return
 	}
@@ -245,14 +274,14 @@ func Run(ctx context.Context, j *journal.Journal, cfg Config) (Report, error) {
 		return Report{}, errors.New("rotate needs an input file and an output file")
 	}
 	if sameFile(cfg.In, cfg.Out) {
-		return Report{}, fmt.Errorf("--in and --out are the same file %s: write the rotated keys elsewhere", cfg.In)
+		return Report{}, fmt.Errorf("the input and the output are the same file %s: write the rotated keys elsewhere", cfg.In)
 	}
 	from, to, err := Masters(ctx, &cfg)
 	if err != nil {
 		return Report{}, err
 	}
 	if cfg.Target == nil && from.Ref == to.Ref {
-		return Report{}, fmt.Errorf("--from-key and --to-key select the same key %s: choose a new master", from)
+		return Report{}, fmt.Errorf("the old and the new master are the same key %s: choose a new master", from)
 	}
 	idx, err := indexInput(cfg.In, cfg.Batch)
 	if err != nil {
@@ -283,7 +312,7 @@ func Run(ctx context.Context, j *journal.Journal, cfg Config) (Report, error) {
 	if !resumed {
 		if _, err := os.Stat(cfg.Out); err == nil {
 			r.Finish(journal.RunFailed, rep)
-			return rep, fmt.Errorf("%s already exists: rotate never overwrites a file; remove it or choose another --out", cfg.Out)
+			return rep, fmt.Errorf("%s already exists: rotate never overwrites a file; remove it or write the output elsewhere", cfg.Out)
 		}
 	}
 	items := make([]journal.Item, len(idx.Batches))
@@ -410,7 +439,7 @@ func checkPolicy(cfg *Config, done []*batchResult) error {
 		}
 	}
 	if rejected > 0 {
-		return fmt.Errorf("this run already rejected %d record(s) into %s under --on-error skip: resume it with --on-error skip, or start over with another --out", rejected, partial(cfg.Rejects))
+		return fmt.Errorf("this run already rejected %d record(s) into %s under the skip policy: resume it under skip, or start over with another output file", rejected, partial(cfg.Rejects))
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -267,8 +268,9 @@ func TestMasterChecks(t *testing.T) {
 	}
 	lbl := "nothing"
 	_, err = rotate.Run(ctx, openJournal(t, out+".journal2"), rotate.Config{Source: side, From: old, To: hsm.Filter{Label: &lbl}, In: in, Out: out})
-	if err == nil || !strings.Contains(err.Error(), "--to-key") {
-		t.Fatalf("missing master: %v", err)
+	var me *rotate.MasterError
+	if !errors.As(err, &me) || me.Role != rotate.NewMaster || me.Cluster != "c" {
+		t.Fatalf("missing master: %v, want a MasterError about the new master of cluster c", err)
 	}
 }
 
@@ -314,7 +316,7 @@ func TestOnErrorSwitch(t *testing.T) {
 		t.Fatalf("interrupted run: %+v %v", rep, err)
 	}
 	cfg2.OnError, cfg2.Progress = rotate.Stop, nil
-	if _, err := rotate.Run(ctx, j2, cfg2); err == nil || !strings.Contains(err.Error(), "resume it with --on-error skip") {
+	if _, err := rotate.Run(ctx, j2, cfg2); err == nil || !strings.Contains(err.Error(), "resume it under skip") {
 		t.Fatalf("resumed under stop after rejects: %v", err)
 	}
 }

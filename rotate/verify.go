@@ -241,7 +241,7 @@ func Verify(ctx context.Context, cfg VerifyConfig) (VerifyReport, error) {
 
 // kcvInside unwraps ct under key into a session object, reads the check
 // value the HSM computed and deletes the object.
-func kcvInside(ctx context.Context, s hsm.Session, m hsm.Mechanism, key hsm.KeyRef, ct []byte) ([]byte, error) {
+func kcvInside(ctx context.Context, s Session, m hsm.Mechanism, key hsm.KeyRef, ct []byte) ([]byte, error) {
 	k, err := unwrapSession(ctx, s, m, key, ct)
 	if err != nil {
 		return nil, err

@@ -11,6 +11,7 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
+	"github.com/keymig/keymig/internal/clonediff"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/synckey"
 	"github.com/sourcegraph/conc/pool"
@@ -24,7 +25,7 @@ var (
 // benchSource makes a 2-HSM cluster with room for capacity keys and a
 // crypto user, and returns it open, logged in as that user (the owner of
 // the keys it makes, so it may export and insert them masked).
-func benchSource(b *testing.B, dir string, capacity int) (*cluster.Cluster, hsm.Session) {
+func benchSource(b *testing.B, dir string, capacity int) (*cluster.Cluster, hsm.FullSession) {
 	ctx := context.Background()
 	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: 2, Officer: benchOfficer, KDFIterations: 1000, KeyCapacity: capacity})
 	if err != nil {
@@ -34,7 +35,7 @@ func benchSource(b *testing.B, dir string, capacity int) (*cluster.Cluster, hsm.
 	if err != nil {
 		b.Fatal(err)
 	}
-	if err := co.CreateUser(ctx, benchUser.User, hsm.RoleCryptoUser, benchUser.Password); err != nil {
+	if err := co.(hsm.Users).CreateUser(ctx, benchUser.User, hsm.RoleCryptoUser, benchUser.Password); err != nil {
 		b.Fatal(err)
 	}
 	co.Logout(ctx)
@@ -42,11 +43,11 @@ func benchSource(b *testing.B, dir string, capacity int) (*cluster.Cluster, hsm.
 	if err != nil {
 		b.Fatal(err)
 	}
-	return c, s
+	return c, s.(hsm.FullSession)
 }
 
 // benchClone restores backup into dir (2 HSMs) and logs in.
-func benchClone(b *testing.B, backup, dir string) (*cluster.Cluster, hsm.Session) {
+func benchClone(b *testing.B, backup, dir string) (*cluster.Cluster, hsm.FullSession) {
 	ctx := context.Background()
 	c, err := cluster.Restore(ctx, cluster.RestoreOptions{Backup: backup, Dir: dir, Region: "eu-west-1", HSMs: 2, KDFIterations: 1000})
 	if err != nil {
@@ -56,7 +57,7 @@ func benchClone(b *testing.B, backup, dir string) (*cluster.Cluster, hsm.Session
 	if err != nil {
 		b.Fatal(err)
 	}
-	return c, s
+	return c, s.(hsm.FullSession)
 }
 
 func benchKeys(b *testing.B, s hsm.Session, n int) {
@@ -108,7 +109,7 @@ func BenchmarkSynckeyDiff16666(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if c := d.Counts(); c[synckey.MarkSame] != n {
+		if c := d.Counts(); c[clonediff.MarkSame] != n {
 			b.Fatalf("diff of two identical clones: %v", c)
 		}
 	}

@@ -4,13 +4,14 @@
 //
 // # Diff
 //
-// Compare lists both clusters once and matches keys by handle, which a
-// cluster and its clones share. Each key gets one rclone-check style row:
+// A sync lists both clusters once (hsm.TakeInventory) and compares them
+// with package clonediff, which matches keys by handle, shared by a cluster
+// and its clones. Each key gets one rclone-check style row:
 //
 //	=  on both, the same key (check value, class, label, id, attributes,
 //	   owner and shares)
 //	+  on the source only: it will be copied
-//	-  on the target only: deleted only with --prune --yes
+//	-  on the target only: deleted only when pruning is confirmed
 //	*  on both but different: never overwritten; the row says which
 //	   attributes or shares differ and on which side
 //	!  cannot be synchronised, with the reason: the key is not yet

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/clonediff"
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
@@ -55,10 +56,18 @@ type Options struct {
 	Now func() time.Time
 }
 
+// Clone is one side of a sync: a session that moves masked objects, which
+// only the HSMs of a cluster and of its clones can read. Pruning also
+// needs the target to delete keys (hsm.KeyDeleter), found by assertion.
+type Clone interface {
+	hsm.Session
+	hsm.Masker
+}
+
 // Pair is the two logged-in clusters of a sync and their directories (or
 // other names), used in messages.
 type Pair struct {
-	Source, Target       hsm.Session
+	Source, Target       Clone
 	SourceDir, TargetDir string
 }
 
@@ -95,7 +104,7 @@ func (s Summary) Clean() bool { return s.Status == journal.RunDone }
 func (s Summary) String() string {
 	c := s.Counts
 	line := fmt.Sprintf("%s: %s; %d same, %d copied, %d deleted, %d failed, %d only on the target, %d differ, %d cannot sync",
-		s.Run, s.Status, c[MarkSame], s.Copied, s.Deleted, s.Failed, c[MarkTarget]-s.Deleted, c[MarkDiffer], c[MarkError])
+		s.Run, s.Status, c[clonediff.MarkSame], s.Copied, s.Deleted, s.Failed, c[clonediff.MarkTarget]-s.Deleted, c[clonediff.MarkDiffer], c[clonediff.MarkError])
 	if s.Error != "" {
 		line += ": " + s.Error
 	}
@@ -105,10 +114,10 @@ func (s Summary) String() string {
 // Result is a sync's outcome: the run resumed first (if one was left
 // unfinished), the new run, and the diff with each row's outcome.
 type Result struct {
-	Journal string   `json:"journal"`
-	Resumed *Summary `json:"resumed,omitempty"`
-	Summary Summary  `json:"summary"`
-	Rows    []Row    `json:"keys"`
+	Journal string          `json:"journal"`
+	Resumed *Summary        `json:"resumed,omitempty"`
+	Summary Summary         `json:"summary"`
+	Rows    []clonediff.Row `json:"keys"`
 }
 
 // itemData is what a journal item remembers of its key, so that a resumed
@@ -150,19 +159,19 @@ func New(p Pair, j *journal.Journal, opts Options) *Syncer {
 }
 
 // Diff compares the two clusters now and changes nothing.
-func (s *Syncer) Diff(ctx context.Context) (*Diff, Side, Side, error) {
-	src, err := Inventory(ctx, s.pair.Source, s.pair.SourceDir)
+func (s *Syncer) Diff(ctx context.Context) (*clonediff.Diff, hsm.Inventory, hsm.Inventory, error) {
+	src, err := hsm.TakeInventory(ctx, s.pair.Source, s.pair.SourceDir)
 	if err != nil {
-		return nil, src, Side{}, err
+		return nil, src, hsm.Inventory{}, err
 	}
-	dst, err := Inventory(ctx, s.pair.Target, s.pair.TargetDir)
+	dst, err := hsm.TakeInventory(ctx, s.pair.Target, s.pair.TargetDir)
 	if err != nil {
 		return nil, src, dst, err
 	}
-	if err := CheckClones(src.Info, dst.Info, s.pair.SourceDir, s.pair.TargetDir); err != nil {
+	if err := clonediff.CheckClones(src.Info, dst.Info, s.pair.SourceDir, s.pair.TargetDir); err != nil {
 		return nil, src, dst, err
 	}
-	return Compare(src, dst, s.opts.Filter, s.opts.Prune), src, dst, nil
+	return clonediff.Compare(src, dst, s.opts.Filter, s.opts.Prune), src, dst, nil
 }
 
 // Sync resumes the pair's unfinished run, if any, then diffs the clusters
@@ -180,7 +189,7 @@ func (s *Syncer) Sync(ctx context.Context) (Result, error) {
 	if err != nil {
 		return res, fmt.Errorf("target cluster %s: %w", s.pair.TargetDir, err)
 	}
-	if err := CheckClones(srcInfo, dstInfo, s.pair.SourceDir, s.pair.TargetDir); err != nil {
+	if err := clonediff.CheckClones(srcInfo, dstInfo, s.pair.SourceDir, s.pair.TargetDir); err != nil {
 		return res, err
 	}
 	meta := Meta{Source: srcInfo.ID, Target: dstInfo.ID, SourceDir: s.pair.SourceDir, TargetDir: s.pair.TargetDir, Filter: s.opts.Filter.String(), Prune: s.opts.Prune && s.opts.Yes}
@@ -256,7 +265,7 @@ func (s *Syncer) resume(ctx context.Context, id string, dstInfo hsm.ClusterInfo)
 }
 
 // fresh diffs the clusters and runs the + (and pruned -) keys as a new run.
-func (s *Syncer) fresh(ctx context.Context, meta Meta, dstInfo hsm.ClusterInfo) (Summary, []Row, error) {
+func (s *Syncer) fresh(ctx context.Context, meta Meta, dstInfo hsm.ClusterInfo) (Summary, []clonediff.Row, error) {
 	now := s.opts.Now().UTC()
 	id := "sync-" + now.Format("20060102T150405.000000000Z")
 	sum := Summary{Run: id, Started: now, Counts: map[string]int{}}
@@ -267,7 +276,7 @@ func (s *Syncer) fresh(ctx context.Context, meta Meta, dstInfo hsm.ClusterInfo) 
 	if existed {
 		return sum, nil, fmt.Errorf("journal %s already has a run %s: the clock went back; wait a moment and sync again", s.j.Path(), id)
 	}
-	fail := func(err error) (Summary, []Row, error) {
+	fail := func(err error) (Summary, []clonediff.Row, error) {
 		sum.Status, sum.Error, sum.Duration = journal.RunFailed, err.Error(), time.Since(now)
 		if ctx.Err() != nil {
 			sum.Status = journal.RunInterrupted
@@ -394,9 +403,9 @@ func (s *Syncer) record(r *journal.Run, sum Summary) {
 		s.log.Error("recording the sync's summary", "journal", s.j.Path(), "err", err)
 	}
 	r.Event("summary", "%s", sum.String())
-	attrs := []any{"run", sum.Run, "status", sum.Status, "same", sum.Counts[MarkSame], "copied", sum.Copied,
-		"deleted", sum.Deleted, "failed", sum.Failed, "target-only", sum.Counts[MarkTarget] - sum.Deleted,
-		"differ", sum.Counts[MarkDiffer], "cannot-sync", sum.Counts[MarkError], "duration", sum.Duration.Round(time.Millisecond)}
+	attrs := []any{"run", sum.Run, "status", sum.Status, "same", sum.Counts[clonediff.MarkSame], "copied", sum.Copied,
+		"deleted", sum.Deleted, "failed", sum.Failed, "target-only", sum.Counts[clonediff.MarkTarget] - sum.Deleted,
+		"differ", sum.Counts[clonediff.MarkDiffer], "cannot-sync", sum.Counts[clonediff.MarkError], "duration", sum.Duration.Round(time.Millisecond)}
 	switch {
 	case sum.Error != "":
 		s.log.Error("sync run failed", append(attrs, "err", sum.Error)...)
@@ -408,7 +417,7 @@ func (s *Syncer) record(r *journal.Run, sum Summary) {
 }
 
 // outcome rewrites the + and - rows with what the run did to each key.
-func (s *Syncer) outcome(rows []Row, r *journal.Run) []Row {
+func (s *Syncer) outcome(rows []clonediff.Row, r *journal.Run) []clonediff.Row {
 	items := map[string]journal.Item{}
 	r.Items(func(it journal.Item) error { items[it.Key] = it; return nil })
 	for i := range rows {
@@ -417,7 +426,7 @@ func (s *Syncer) outcome(rows []Row, r *journal.Run) []Row {
 			continue
 		}
 		switch {
-		case it.State == runner.StateDone && rows[i].Mark == MarkSource:
+		case it.State == runner.StateDone && rows[i].Mark == clonediff.MarkSource:
 			rows[i].Detail = "copied"
 		case it.State == runner.StateDone:
 			rows[i].Detail = "deleted from the target (--prune)"
@@ -504,6 +513,10 @@ func (s *Syncer) verify(ctx context.Context, ref hsm.KeyRef, d itemData, name st
 
 // prune deletes a key only on the target, if it is still the key the diff saw.
 func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commit, ref hsm.KeyRef, d itemData, name string) (journal.Item, error) {
+	del, err := hsm.As[hsm.KeyDeleter](s.pair.Target, "delete keys")
+	if err != nil {
+		return it, permanent(fmt.Errorf("%s: the target %s: %w", name, s.pair.TargetDir, err))
+	}
 	k, err := s.pair.Target.GetKey(ctx, ref)
 	if errors.Is(err, hsm.ErrNotFound) {
 		it.State = runner.StateDone
@@ -524,7 +537,7 @@ func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commi
 	if err := failpoint.Hit(failpoint.SynckeyAfterDeleting); err != nil {
 		return it, err
 	}
-	if err := s.pair.Target.DeleteKey(ctx, ref); err != nil && !errors.Is(err, hsm.ErrNotFound) {
+	if err := del.DeleteKey(ctx, ref); err != nil && !errors.Is(err, hsm.ErrNotFound) {
 		if hsm.CodeOf(err) == hsm.CodePermission {
 			return it, permanent(fmt.Errorf("%s: delete from the target %s: %w — only its owner %s may delete it (a crypto officer may not): prune logged in to the target as %s", name, s.pair.TargetDir, err, d.Owner, d.Owner))
 		}

@@ -41,14 +41,14 @@ func newCluster(t testing.TB, n int, mod ...func(*InitOptions)) *Cluster {
 	return c
 }
 
-func login(t testing.TB, c *Cluster, cr hsm.Credentials) hsm.Session {
+func login(t testing.TB, c *Cluster, cr hsm.Credentials) hsm.FullSession {
 	t.Helper()
 	s, err := c.Login(context.Background(), cr)
 	if err != nil {
 		t.Fatalf("Login %s: %v", cr.User, err)
 	}
 	t.Cleanup(func() { s.Logout(context.Background()) })
-	return s
+	return s.(hsm.FullSession)
 }
 
 func aesSpec(label string, attrs map[hsm.Attr]bool) hsm.KeySpec {

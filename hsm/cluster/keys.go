@@ -69,7 +69,7 @@ func (c *Cluster) coverageOf(ref hsm.KeyRef) hsm.Coverage {
 // perHSM runs fn with the user's session on every reachable HSM at once and
 // returns the answers by HSM id; HSMs that fail are left out, and the first
 // error other than unavailability is returned if no HSM answered.
-func (s *session) perHSM(ctx context.Context, fn func(ctx context.Context, m *member, ms hsm.Session) error) (map[string]bool, error) {
+func (s *session) perHSM(ctx context.Context, fn func(ctx context.Context, m *member, ms hsm.FullSession) error) (map[string]bool, error) {
 	members := s.c.liveMembers()
 	errs := make([]error, len(members))
 	var wg sync.WaitGroup
@@ -107,7 +107,7 @@ func (s *session) perHSM(ctx context.Context, fn func(ctx context.Context, m *me
 func (s *session) ListKeys(ctx context.Context, f hsm.Filter) ([]hsm.KeyInfo, error) {
 	var mu sync.Mutex
 	listings := map[string][]hsm.KeyInfo{}
-	answered, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.Session) error {
+	answered, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.FullSession) error {
 		keys, err := ms.ListKeys(ctx, f)
 		if err != nil {
 			return err
@@ -128,7 +128,7 @@ func (s *session) GetKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, erro
 	var mu sync.Mutex
 	listings := map[string][]hsm.KeyInfo{}
 	var notFound error
-	answered, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.Session) error {
+	answered, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.FullSession) error {
 		ki, err := ms.GetKey(ctx, ref)
 		mu.Lock()
 		defer mu.Unlock()

@@ -26,13 +26,13 @@ type session struct {
 	user  hsm.User
 
 	mu          sync.Mutex
-	byHSM       map[string]hsm.Session
+	byHSM       map[string]hsm.FullSession
 	loginFailed map[string]time.Time
 	sessionKeys map[hsm.KeyRef]string // session key → the HSM that made it
 	closed      bool
 }
 
-var _ hsm.Session = (*session)(nil)
+var _ hsm.FullSession = (*session)(nil)
 
 // Login logs the user in to every reachable HSM of the cluster (users are
 // replicated), so that the session can balance load over them. It fails
@@ -44,7 +44,7 @@ func (c *Cluster) Login(ctx context.Context, cr hsm.Credentials) (hsm.Session, e
 	if closed {
 		return nil, hsm.Errorf(hsm.CodeUnavailable, "login", 0, "cluster %s is closed", c.dir)
 	}
-	s := &session{c: c, creds: cr, byHSM: map[string]hsm.Session{}, loginFailed: map[string]time.Time{}, sessionKeys: map[hsm.KeyRef]string{}}
+	s := &session{c: c, creds: cr, byHSM: map[string]hsm.FullSession{}, loginFailed: map[string]time.Time{}, sessionKeys: map[hsm.KeyRef]string{}}
 	members := c.memberList()
 	errs := make([]error, len(members))
 	var wg sync.WaitGroup
@@ -89,7 +89,7 @@ func (c *Cluster) Login(ctx context.Context, cr hsm.Credentials) (hsm.Session, e
 }
 
 // sessionFor returns the user's session on HSM m, logging in if needed.
-func (s *session) sessionFor(ctx context.Context, m *member, atLogin bool) (hsm.Session, error) {
+func (s *session) sessionFor(ctx context.Context, m *member, atLogin bool) (hsm.FullSession, error) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -105,10 +105,19 @@ func (s *session) sessionFor(ctx context.Context, m *member, atLogin bool) (hsm.
 	}
 	s.mu.Unlock()
 
-	var ms hsm.Session
-	err := s.c.call(ctx, m, func(ctx context.Context) (err error) {
-		ms, err = m.m.Login(ctx, s.creds)
-		return err
+	var ms hsm.FullSession
+	err := s.c.call(ctx, m, func(ctx context.Context) error {
+		login, err := m.m.Login(ctx, s.creds)
+		if err != nil {
+			return err
+		}
+		full, ok := login.(hsm.FullSession)
+		if !ok {
+			login.Logout(ctx)
+			return hsm.Errorf(hsm.CodeUnsupported, "login", 0, "HSM %s is %s, which lacks what a cluster member needs (shares, attributes, deletion, masked objects, users)", m.id, hsm.BackendName(login))
+		}
+		ms = full
+		return nil
 	})
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -144,7 +153,7 @@ func (s *session) Logout(ctx context.Context) error {
 	}
 	s.closed = true
 	byHSM := s.byHSM
-	s.byHSM = map[string]hsm.Session{}
+	s.byHSM = map[string]hsm.FullSession{}
 	s.sessionKeys = map[hsm.KeyRef]string{}
 	s.mu.Unlock()
 	var wg sync.WaitGroup
@@ -159,7 +168,7 @@ func (s *session) Logout(ctx context.Context) error {
 // HSM is unavailable. For an operation that makes a key (create), it fails
 // over only when the first HSM certainly did nothing: an HSM that timed
 // out may have made the key, and trying elsewhere could make it twice.
-func (s *session) on(ctx context.Context, op string, cands []*member, create bool, fn func(ctx context.Context, ms hsm.Session) error) (*member, error) {
+func (s *session) on(ctx context.Context, op string, cands []*member, create bool, fn func(ctx context.Context, ms hsm.FullSession) error) (*member, error) {
 	tried := map[string]bool{}
 	var lastErr error
 	for {
@@ -282,7 +291,7 @@ func (s *session) recheck(ctx context.Context, ref hsm.KeyRef) []string {
 // keys, and copies the token keys among them to every other reachable HSM
 // as masked objects before returning. tokenKeys is how many token keys the
 // call may make, counted against the cluster's capacity.
-func (s *session) create(ctx context.Context, op string, cands []*member, tokenKeys int, fn func(ctx context.Context, ms hsm.Session) ([]hsm.KeyInfo, error)) ([]hsm.KeyInfo, error) {
+func (s *session) create(ctx context.Context, op string, cands []*member, tokenKeys int, fn func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error)) ([]hsm.KeyInfo, error) {
 	if tokenKeys > 0 {
 		p := s.c.policy()
 		if !s.c.keys.reserve(tokenKeys, p.KeyCapacity) {
@@ -300,7 +309,7 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		}
 	}
 	var infos []hsm.KeyInfo
-	m, err := s.on(ctx, op, cands, true, func(ctx context.Context, ms hsm.Session) (err error) {
+	m, err := s.on(ctx, op, cands, true, func(ctx context.Context, ms hsm.FullSession) (err error) {
 		infos, err = fn(ctx, ms)
 		return err
 	})
@@ -370,7 +379,7 @@ func tokenCount(t hsm.Template) int {
 
 // GenerateKey makes a secret key on one HSM and replicates it.
 func (s *session) GenerateKey(ctx context.Context, spec hsm.KeySpec) (hsm.KeyInfo, error) {
-	infos, err := s.create(ctx, "generate", s.c.liveMembers(), tokenCount(spec.Template), func(ctx context.Context, ms hsm.Session) ([]hsm.KeyInfo, error) {
+	infos, err := s.create(ctx, "generate", s.c.liveMembers(), tokenCount(spec.Template), func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error) {
 		ki, err := ms.GenerateKey(ctx, spec)
 		return []hsm.KeyInfo{ki}, err
 	})
@@ -383,7 +392,7 @@ func (s *session) GenerateKey(ctx context.Context, spec hsm.KeySpec) (hsm.KeyInf
 // GenerateKeyPair makes a key pair on one HSM and replicates both halves.
 func (s *session) GenerateKeyPair(ctx context.Context, spec hsm.KeyPairSpec) (pub, priv hsm.KeyInfo, err error) {
 	n := tokenCount(spec.Public) + tokenCount(spec.Private)
-	infos, err := s.create(ctx, "generate-key-pair", s.c.liveMembers(), n, func(ctx context.Context, ms hsm.Session) ([]hsm.KeyInfo, error) {
+	infos, err := s.create(ctx, "generate-key-pair", s.c.liveMembers(), n, func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error) {
 		pub, priv, err := ms.GenerateKeyPair(ctx, spec)
 		return []hsm.KeyInfo{pub, priv}, err
 	})
@@ -395,7 +404,7 @@ func (s *session) GenerateKeyPair(ctx context.Context, spec hsm.KeyPairSpec) (pu
 
 // ImportPublicKey stores a public key on one HSM and replicates it.
 func (s *session) ImportPublicKey(ctx context.Context, pem []byte, t hsm.Template) (hsm.KeyInfo, error) {
-	infos, err := s.create(ctx, "import-public-key", s.c.liveMembers(), tokenCount(t), func(ctx context.Context, ms hsm.Session) ([]hsm.KeyInfo, error) {
+	infos, err := s.create(ctx, "import-public-key", s.c.liveMembers(), tokenCount(t), func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error) {
 		ki, err := ms.ImportPublicKey(ctx, pem, t)
 		return []hsm.KeyInfo{ki}, err
 	})
@@ -413,7 +422,7 @@ func (s *session) UnwrapKey(ctx context.Context, r hsm.UnwrapRequest) (hsm.KeyIn
 	if err != nil {
 		return hsm.KeyInfo{}, err
 	}
-	infos, err := s.create(ctx, "unwrap", cands, tokenCount(r.Template), func(ctx context.Context, ms hsm.Session) ([]hsm.KeyInfo, error) {
+	infos, err := s.create(ctx, "unwrap", cands, tokenCount(r.Template), func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error) {
 		ki, err := ms.UnwrapKey(ctx, r)
 		return []hsm.KeyInfo{ki}, err
 	})
@@ -426,7 +435,7 @@ func (s *session) UnwrapKey(ctx context.Context, r hsm.UnwrapRequest) (hsm.KeyIn
 // InsertMasked stores a masked object (checked by the HSM for lineage and
 // permission) on one HSM and replicates it. It is idempotent.
 func (s *session) InsertMasked(ctx context.Context, blob []byte) (hsm.KeyInfo, error) {
-	infos, err := s.create(ctx, "insert-masked", s.c.liveMembers(), 1, func(ctx context.Context, ms hsm.Session) ([]hsm.KeyInfo, error) {
+	infos, err := s.create(ctx, "insert-masked", s.c.liveMembers(), 1, func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error) {
 		ki, err := ms.InsertMasked(ctx, blob)
 		return []hsm.KeyInfo{ki}, err
 	})
@@ -439,7 +448,7 @@ func (s *session) InsertMasked(ctx context.Context, blob []byte) (hsm.KeyInfo, e
 // ExportMasked exports a key as a masked object from an HSM that holds it.
 func (s *session) ExportMasked(ctx context.Context, key hsm.KeyRef) ([]byte, error) {
 	var out []byte
-	err := s.use(ctx, "export-masked", func(ctx context.Context, ms hsm.Session) (err error) {
+	err := s.use(ctx, "export-masked", func(ctx context.Context, ms hsm.FullSession) (err error) {
 		out, err = ms.ExportMasked(ctx, key)
 		return err
 	}, key)
@@ -448,7 +457,7 @@ func (s *session) ExportMasked(ctx context.Context, key hsm.KeyRef) ([]byte, err
 
 // use runs a read-only operation on the keys refs on one HSM that holds
 // them all, under the availability quorum, failing over freely.
-func (s *session) use(ctx context.Context, op string, fn func(ctx context.Context, ms hsm.Session) error, refs ...hsm.KeyRef) error {
+func (s *session) use(ctx context.Context, op string, fn func(ctx context.Context, ms hsm.FullSession) error, refs ...hsm.KeyRef) error {
 	cands, err := s.targets(ctx, op, true, refs...)
 	if err != nil {
 		return err
@@ -460,7 +469,7 @@ func (s *session) use(ctx context.Context, op string, fn func(ctx context.Contex
 // WrapKey wraps a key on an HSM that holds both keys.
 func (s *session) WrapKey(ctx context.Context, r hsm.WrapRequest) ([]byte, error) {
 	var out []byte
-	err := s.use(ctx, "wrap", func(ctx context.Context, ms hsm.Session) (err error) {
+	err := s.use(ctx, "wrap", func(ctx context.Context, ms hsm.FullSession) (err error) {
 		out, err = ms.WrapKey(ctx, r)
 		return err
 	}, r.Payload, r.WrappingKey)
@@ -470,7 +479,7 @@ func (s *session) WrapKey(ctx context.Context, r hsm.WrapRequest) ([]byte, error
 // Encrypt encrypts on an HSM that holds the key.
 func (s *session) Encrypt(ctx context.Context, key hsm.KeyRef, m hsm.Mechanism, p hsm.Params, plaintext []byte) ([]byte, error) {
 	var out []byte
-	err := s.use(ctx, "encrypt", func(ctx context.Context, ms hsm.Session) (err error) {
+	err := s.use(ctx, "encrypt", func(ctx context.Context, ms hsm.FullSession) (err error) {
 		out, err = ms.Encrypt(ctx, key, m, p, plaintext)
 		return err
 	}, key)
@@ -480,7 +489,7 @@ func (s *session) Encrypt(ctx context.Context, key hsm.KeyRef, m hsm.Mechanism, 
 // Decrypt decrypts on an HSM that holds the key.
 func (s *session) Decrypt(ctx context.Context, key hsm.KeyRef, m hsm.Mechanism, p hsm.Params, ciphertext []byte) ([]byte, error) {
 	var out []byte
-	err := s.use(ctx, "decrypt", func(ctx context.Context, ms hsm.Session) (err error) {
+	err := s.use(ctx, "decrypt", func(ctx context.Context, ms hsm.FullSession) (err error) {
 		out, err = ms.Decrypt(ctx, key, m, p, ciphertext)
 		return err
 	}, key)
@@ -495,7 +504,7 @@ func (s *session) ExportPublicKey(ctx context.Context, key hsm.KeyRef) ([]byte, 
 		return nil, err
 	}
 	var out []byte
-	_, err = s.on(ctx, "export-public-key", cands, false, func(ctx context.Context, ms hsm.Session) (err error) {
+	_, err = s.on(ctx, "export-public-key", cands, false, func(ctx context.Context, ms hsm.FullSession) (err error) {
 		out, err = ms.ExportPublicKey(ctx, key)
 		return err
 	})
@@ -504,23 +513,23 @@ func (s *session) ExportPublicKey(ctx context.Context, key hsm.KeyRef) ([]byte, 
 
 // ShareKey shares the key on every HSM that holds it.
 func (s *session) ShareKey(ctx context.Context, key hsm.KeyRef, user string) error {
-	return s.change(ctx, "share", key, func(ctx context.Context, ms hsm.Session) error { return ms.ShareKey(ctx, key, user) })
+	return s.change(ctx, "share", key, func(ctx context.Context, ms hsm.FullSession) error { return ms.ShareKey(ctx, key, user) })
 }
 
 // UnshareKey withdraws a share on every HSM that holds the key.
 func (s *session) UnshareKey(ctx context.Context, key hsm.KeyRef, user string) error {
-	return s.change(ctx, "unshare", key, func(ctx context.Context, ms hsm.Session) error { return ms.UnshareKey(ctx, key, user) })
+	return s.change(ctx, "unshare", key, func(ctx context.Context, ms hsm.FullSession) error { return ms.UnshareKey(ctx, key, user) })
 }
 
 // SetAttribute changes an attribute on every HSM that holds the key.
 func (s *session) SetAttribute(ctx context.Context, key hsm.KeyRef, a hsm.Attr, v bool) error {
-	return s.change(ctx, "set-attribute", key, func(ctx context.Context, ms hsm.Session) error { return ms.SetAttribute(ctx, key, a, v) })
+	return s.change(ctx, "set-attribute", key, func(ctx context.Context, ms hsm.FullSession) error { return ms.SetAttribute(ctx, key, a, v) })
 }
 
 // change applies an idempotent change to a key on every HSM holding it:
 // first on one (which checks permission and policy), then on the others at
 // once. HSMs that miss it are named in the error.
-func (s *session) change(ctx context.Context, op string, key hsm.KeyRef, fn func(ctx context.Context, ms hsm.Session) error) error {
+func (s *session) change(ctx context.Context, op string, key hsm.KeyRef, fn func(ctx context.Context, ms hsm.FullSession) error) error {
 	cands, err := s.targets(ctx, op, true, key)
 	if err != nil {
 		return err
@@ -540,7 +549,7 @@ func (s *session) change(ctx context.Context, op string, key hsm.KeyRef, fn func
 
 // everywhere runs fn on every member of ms at once and reports those that
 // did not take the change, next to those (done) that did.
-func (s *session) everywhere(ctx context.Context, op string, key hsm.KeyRef, ms []*member, done []string, fn func(ctx context.Context, ms hsm.Session) error) error {
+func (s *session) everywhere(ctx context.Context, op string, key hsm.KeyRef, ms []*member, done []string, fn func(ctx context.Context, ms hsm.FullSession) error) error {
 	errs := make([]error, len(ms))
 	var wg sync.WaitGroup
 	for i, m := range ms {
@@ -592,7 +601,7 @@ func (s *session) DeleteKey(ctx context.Context, key hsm.KeyRef) error {
 		if m == nil {
 			return hsm.Errorf(hsm.CodeNotFound, "delete", key, "the HSM that held this session key has left the cluster")
 		}
-		_, err := s.on(ctx, "delete", []*member{m}, false, func(ctx context.Context, ms hsm.Session) error { return ms.DeleteKey(ctx, key) })
+		_, err := s.on(ctx, "delete", []*member{m}, false, func(ctx context.Context, ms hsm.FullSession) error { return ms.DeleteKey(ctx, key) })
 		if err == nil || hsm.CodeOf(err) == hsm.CodeNotFound {
 			s.mu.Lock()
 			delete(s.sessionKeys, key)
@@ -604,7 +613,7 @@ func (s *session) DeleteKey(ctx context.Context, key hsm.KeyRef) error {
 	if err != nil {
 		return err
 	}
-	del := func(ctx context.Context, ms hsm.Session) error { return ms.DeleteKey(ctx, key) }
+	del := func(ctx context.Context, ms hsm.FullSession) error { return ms.DeleteKey(ctx, key) }
 	first, err := s.on(ctx, "delete", cands, false, del)
 	if err != nil {
 		return err

@@ -15,7 +15,7 @@ import (
 // gets the user at the next Sync; a reachable HSM that refuses it is named
 // in the error.
 func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, password string) error {
-	return s.userChange(ctx, "create-user", true, func(ctx context.Context, ms hsm.Session) error {
+	return s.userChange(ctx, "create-user", true, func(ctx context.Context, ms hsm.FullSession) error {
 		return ms.CreateUser(ctx, name, role, password)
 	})
 }
@@ -23,7 +23,7 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 // DeleteUser deletes the user on every HSM; HSMs that cannot be reached
 // are named in the error, since Sync would not remove the user there.
 func (s *session) DeleteUser(ctx context.Context, name string) error {
-	return s.userChange(ctx, "delete-user", false, func(ctx context.Context, ms hsm.Session) error {
+	return s.userChange(ctx, "delete-user", false, func(ctx context.Context, ms hsm.FullSession) error {
 		return ms.DeleteUser(ctx, name)
 	})
 }
@@ -31,7 +31,7 @@ func (s *session) DeleteUser(ctx context.Context, name string) error {
 // ChangePassword changes the password on every HSM; HSMs that cannot be
 // reached are named in the error.
 func (s *session) ChangePassword(ctx context.Context, name, password string) error {
-	return s.userChange(ctx, "change-password", false, func(ctx context.Context, ms hsm.Session) error {
+	return s.userChange(ctx, "change-password", false, func(ctx context.Context, ms hsm.FullSession) error {
 		return ms.ChangePassword(ctx, name, password)
 	})
 }
@@ -40,7 +40,7 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 // refuses it the same way, that refusal is returned as is; if some took it
 // and others did not, the error names both. Down HSMs count as missed
 // unless downOK (a creation, which Sync completes).
-func (s *session) userChange(ctx context.Context, op string, downOK bool, fn func(ctx context.Context, ms hsm.Session) error) error {
+func (s *session) userChange(ctx context.Context, op string, downOK bool, fn func(ctx context.Context, ms hsm.FullSession) error) error {
 	members := s.c.memberList()
 	errs := make([]error, len(members))
 	var wg sync.WaitGroup
@@ -95,7 +95,7 @@ func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
 	var mu sync.Mutex
 	byName := map[string]hsm.User{}
 	holders := map[string][]string{}
-	_, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.Session) error {
+	_, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.FullSession) error {
 		users, err := ms.ListUsers(ctx)
 		if err != nil {
 			return err

@@ -62,7 +62,7 @@ func testDefaults(t *testing.T, h Harness) {
 // fresh usable key w (both alice's, both shared with bob).
 type matrixOp struct {
 	name string
-	run  func(f *fixture, actor hsm.Session, p, w hsm.KeyInfo, blob, ct []byte) error
+	run  func(f *fixture, actor hsm.FullSession, p, w hsm.KeyInfo, blob, ct []byte) error
 	// want: owner, sharee, other crypto user, crypto officer
 	want [4]hsm.Code
 }
@@ -75,48 +75,48 @@ func testPermissionMatrix(t *testing.T, h Harness) {
 		nf   = hsm.CodeNotFound
 	)
 	ops := []matrixOp{
-		{"wrap", func(f *fixture, a hsm.Session, p, w hsm.KeyInfo, _, _ []byte) error {
+		{"wrap", func(f *fixture, a hsm.FullSession, p, w hsm.KeyInfo, _, _ []byte) error {
 			_, err := a.WrapKey(ctxT(f.t), hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: w.Ref, Payload: p.Ref})
 			return err
 		}, [4]hsm.Code{ok, perm, nf, perm}},
-		{"unwrap", func(f *fixture, a hsm.Session, p, w hsm.KeyInfo, blob, _ []byte) error {
+		{"unwrap", func(f *fixture, a hsm.FullSession, p, w hsm.KeyInfo, blob, _ []byte) error {
 			_, err := a.UnwrapKey(ctxT(f.t), hsm.UnwrapRequest{Mechanism: hsm.MechAESKWP, UnwrappingKey: w.Ref, Blob: blob,
 				Class: hsm.ClassSecret, Type: hsm.TypeAES, Template: hsm.Template{Label: "unwrapped"}})
 			return err
 		}, [4]hsm.Code{ok, ok, nf, perm}},
-		{"share", func(f *fixture, a hsm.Session, p, _ hsm.KeyInfo, _, _ []byte) error {
+		{"share", func(f *fixture, a hsm.FullSession, p, _ hsm.KeyInfo, _, _ []byte) error {
 			return a.ShareKey(ctxT(f.t), p.Ref, "dave")
 		}, [4]hsm.Code{ok, perm, nf, perm}},
-		{"unshare", func(f *fixture, a hsm.Session, p, _ hsm.KeyInfo, _, _ []byte) error {
+		{"unshare", func(f *fixture, a hsm.FullSession, p, _ hsm.KeyInfo, _, _ []byte) error {
 			return a.UnshareKey(ctxT(f.t), p.Ref, "bob")
 		}, [4]hsm.Code{ok, perm, nf, perm}},
-		{"delete", func(f *fixture, a hsm.Session, p, _ hsm.KeyInfo, _, _ []byte) error {
+		{"delete", func(f *fixture, a hsm.FullSession, p, _ hsm.KeyInfo, _, _ []byte) error {
 			return a.DeleteKey(ctxT(f.t), p.Ref)
 		}, [4]hsm.Code{ok, perm, nf, perm}},
-		{"set-attribute", func(f *fixture, a hsm.Session, p, _ hsm.KeyInfo, _, _ []byte) error {
+		{"set-attribute", func(f *fixture, a hsm.FullSession, p, _ hsm.KeyInfo, _, _ []byte) error {
 			return a.SetAttribute(ctxT(f.t), p.Ref, hsm.AttrDecrypt, true)
 		}, [4]hsm.Code{ok, perm, nf, perm}},
-		{"encrypt", func(f *fixture, a hsm.Session, _, w hsm.KeyInfo, _, _ []byte) error {
+		{"encrypt", func(f *fixture, a hsm.FullSession, _, w hsm.KeyInfo, _, _ []byte) error {
 			_, err := a.Encrypt(ctxT(f.t), w.Ref, hsm.MechAESGCM, hsm.Params{}, []byte("hello"))
 			return err
 		}, [4]hsm.Code{ok, ok, nf, perm}},
-		{"decrypt", func(f *fixture, a hsm.Session, _, w hsm.KeyInfo, _, ct []byte) error {
+		{"decrypt", func(f *fixture, a hsm.FullSession, _, w hsm.KeyInfo, _, ct []byte) error {
 			_, err := a.Decrypt(ctxT(f.t), w.Ref, hsm.MechAESGCM, hsm.Params{}, ct)
 			return err
 		}, [4]hsm.Code{ok, ok, nf, perm}},
-		{"export-masked", func(f *fixture, a hsm.Session, p, _ hsm.KeyInfo, _, _ []byte) error {
+		{"export-masked", func(f *fixture, a hsm.FullSession, p, _ hsm.KeyInfo, _, _ []byte) error {
 			_, err := a.ExportMasked(ctxT(f.t), p.Ref)
 			return err
 		}, [4]hsm.Code{ok, perm, nf, ok}},
 	}
 	actors := []struct {
 		name string
-		s    func(*fixture) hsm.Session
+		s    func(*fixture) hsm.FullSession
 	}{
-		{"owner", func(f *fixture) hsm.Session { return f.alice }},
-		{"sharee", func(f *fixture) hsm.Session { return f.bob }},
-		{"other-crypto-user", func(f *fixture) hsm.Session { return f.carol }},
-		{"crypto-officer", func(f *fixture) hsm.Session { return f.co }},
+		{"owner", func(f *fixture) hsm.FullSession { return f.alice }},
+		{"sharee", func(f *fixture) hsm.FullSession { return f.bob }},
+		{"other-crypto-user", func(f *fixture) hsm.FullSession { return f.carol }},
+		{"crypto-officer", func(f *fixture) hsm.FullSession { return f.co }},
 	}
 	ctx := ctxT(t)
 	for _, op := range ops {
@@ -187,7 +187,7 @@ func testAttributeRules(t *testing.T, h Harness) {
 	f := newFixture(t, h)
 	ctx := ctxT(t)
 	k := aesKey(t, f.alice, "attrs", nil)
-	set := func(s hsm.Session, a hsm.Attr, v bool) error { return s.SetAttribute(ctx, k.Ref, a, v) }
+	set := func(s hsm.FullSession, a hsm.Attr, v bool) error { return s.SetAttribute(ctx, k.Ref, a, v) }
 	wantCode(t, "wrap-with-trusted false→true", set(f.alice, hsm.AttrWrapWithTrusted, true), "")
 	wantCode(t, "wrap-with-trusted true→false", set(f.alice, hsm.AttrWrapWithTrusted, false), hsm.CodePermission)
 	wantCode(t, "wrap-with-trusted true→true (idempotent)", set(f.alice, hsm.AttrWrapWithTrusted, true), "")

@@ -74,21 +74,23 @@ func testMasked(t *testing.T, h Harness) {
 	wantCode(t, "insert garbage", err, hsm.CodeIntegrity)
 	// A backend of another lineage cannot read it.
 	other, officer := h.New(t)
-	os, err := other.Login(ctx, officer)
+	login, err := other.Login(ctx, officer)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer os.Logout(ctx)
+	defer login.Logout(ctx)
+	os := full(t, login)
 	_, err = os.InsertMasked(ctx, blob)
 	err = wantCode(t, "insert into another lineage", err, hsm.CodeIntegrity)
 	mentions(t, "foreign lineage", err, "lineage")
 	if h.NewClone != nil {
 		clone, cofficer := h.NewClone(t, f.b)
-		cs, err := clone.Login(ctx, cofficer)
+		clogin, err := clone.Login(ctx, cofficer)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer cs.Logout(ctx)
+		defer clogin.Logout(ctx)
+		cs := full(t, clogin)
 		_, err = cs.InsertMasked(ctx, blob)
 		err = wantCode(t, "insert before the owner exists on the clone", err, hsm.CodeNotFound)
 		mentions(t, "missing owner", err, "alice")
@@ -143,7 +145,7 @@ func testSessionKeys(t *testing.T, h Harness) {
 	if _, err := s1.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: sk.Ref, Payload: p.Ref}); err != nil {
 		t.Errorf("wrap under a session key: %v", err)
 	}
-	for name, s := range map[string]hsm.Session{"another session of alice": f.alice, "the crypto officer": f.co} {
+	for name, s := range map[string]hsm.FullSession{"another session of alice": f.alice, "the crypto officer": f.co} {
 		if _, err := s.GetKey(ctx, sk.Ref); hsm.CodeOf(err) != hsm.CodeNotFound {
 			t.Errorf("%s sees the session key: %v", name, err)
 		}
@@ -169,7 +171,7 @@ func testSessionKeys(t *testing.T, h Harness) {
 func testIDUniqueness(t *testing.T, h Harness) {
 	f := newFixture(t, h)
 	ctx := ctxT(t)
-	gen := func(s hsm.Session, id string) (hsm.KeyInfo, error) {
+	gen := func(s hsm.FullSession, id string) (hsm.KeyInfo, error) {
 		return s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128, Template: hsm.Template{Label: "same-label", ID: []byte(id)}})
 	}
 	first, err := gen(f.alice, "id-1")
@@ -285,7 +287,7 @@ func testConcurrent(t *testing.T, h Harness) {
 
 // mixedOp does one round of generate, wrap, unwrap, encrypt, decrypt, share,
 // set-attribute, list and delete.
-func mixedOp(f *fixture, s hsm.Session, kek hsm.KeyInfo, w, r int) error {
+func mixedOp(f *fixture, s hsm.FullSession, kek hsm.KeyInfo, w, r int) error {
 	ctx := ctxT(f.t)
 	k, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: fmt.Sprint("w", w), ID: []byte(fmt.Sprint(w, "-", r))}})
 	if err != nil {

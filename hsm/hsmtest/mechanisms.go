@@ -21,7 +21,7 @@ import (
 // as owner.
 var rtSeq atomic.Int64
 
-func roundTrip(t *testing.T, s hsm.Session, m hsm.Mechanism, p hsm.Params, wk, uk, payload hsm.KeyInfo) hsm.KeyInfo {
+func roundTrip(t *testing.T, s hsm.FullSession, m hsm.Mechanism, p hsm.Params, wk, uk, payload hsm.KeyInfo) hsm.KeyInfo {
 	t.Helper()
 	ctx := ctxT(t)
 	blob, err := s.WrapKey(ctx, hsm.WrapRequest{Mechanism: m, Params: p, WrappingKey: wk.Ref, Payload: payload.Ref})

@@ -30,11 +30,12 @@ func testLogin(t *testing.T, h Harness) {
 	if err := f.co.ChangePassword(ctx, "erin", "new-password-1"); err != nil {
 		t.Fatalf("officer unlocks erin: %v", err)
 	}
-	s, err := f.b.Login(ctx, hsm.Credentials{User: "erin", Password: "new-password-1"})
+	login, err := f.b.Login(ctx, hsm.Credentials{User: "erin", Password: "new-password-1"})
 	if err != nil {
 		t.Fatalf("login after unlock: %v", err)
 	}
-	defer s.Logout(context.Background())
+	defer login.Logout(context.Background())
+	s := full(t, login)
 	if u := s.User(); u.Name != "erin" || u.Role != hsm.RoleCryptoUser {
 		t.Errorf("User() = %+v", u)
 	}

@@ -28,7 +28,7 @@ func auditedNode(t *testing.T) *Node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.CreateUser(ctx, "alice", hsm.RoleCryptoUser, "alice-password"); err != nil {
+	if err := s.(hsm.FullSession).CreateUser(ctx, "alice", hsm.RoleCryptoUser, "alice-password"); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Logout(ctx); err != nil {

@@ -61,7 +61,7 @@ func TestInsertMaskedOtherKeySameHandle(t *testing.T) {
 		t.Fatal(err)
 	}
 	co, _ := n.Login(ctx, hsm.Credentials{User: "admin", Password: "officer-password"})
-	if err := co.CreateUser(ctx, "alice", hsm.RoleCryptoUser, "alice-password"); err != nil {
+	if err := co.(hsm.FullSession).CreateUser(ctx, "alice", hsm.RoleCryptoUser, "alice-password"); err != nil {
 		t.Fatal(err)
 	}
 	s, _ := n.Login(ctx, hsm.Credentials{User: "alice", Password: "alice-password"})
@@ -74,14 +74,14 @@ func TestInsertMaskedOtherKeySameHandle(t *testing.T) {
 	info := k
 	info.KCV, _ = wrap.KCVSecret(other)
 	blob := n.mask(info, other)
-	_, err = co.InsertMasked(ctx, blob)
+	_, err = co.(hsm.FullSession).InsertMasked(ctx, blob)
 	if hsm.CodeOf(err) != hsm.CodeExists || !bytes.Contains([]byte(err.Error()), []byte(k.Ref.String())) {
 		t.Errorf("insert of another key under a used handle: %v", err)
 	}
 	// A blob whose KCV does not match its material is refused.
 	info.KCV = k.KCV
 	info.Ref = 42
-	if _, err := co.InsertMasked(ctx, n.mask(info, other)); hsm.CodeOf(err) != hsm.CodeIntegrity {
+	if _, err := co.(hsm.FullSession).InsertMasked(ctx, n.mask(info, other)); hsm.CodeOf(err) != hsm.CodeIntegrity {
 		t.Errorf("kcv mismatch: %v", err)
 	}
 }

@@ -26,7 +26,7 @@ type session struct {
 	closed atomic.Bool
 }
 
-var _ hsm.Session = (*session)(nil)
+var _ hsm.FullSession = (*session)(nil)
 
 // begin admits an operation of this session.
 func (s *session) begin(ctx context.Context, op string) (func(), error) {

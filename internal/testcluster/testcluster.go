@@ -39,7 +39,7 @@ func New(t testing.TB, dir string, hsms int) {
 		t.Fatal(err)
 	}
 	defer s.Logout(ctx)
-	if err := s.CreateUser(ctx, User, hsm.RoleCryptoUser, Password); err != nil {
+	if err := s.(hsm.Users).CreateUser(ctx, User, hsm.RoleCryptoUser, Password); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -1,7 +1,12 @@
-package synckey
+// Package clonediff compares the inventories of two clones of one cluster
+// key by key, rclone check style: the same on both (=), on the source only
+// (+), on the target only (-), on both but different (*), or not
+// synchronisable and why (!). synckey copies by it and plan classifies
+// clone keys by it, so both judge a key by the same rules. It reads
+// inventories only; it calls no HSM.
+package clonediff
 
 import (
-	"context"
 	"encoding/hex"
 	"fmt"
 	"slices"
@@ -41,38 +46,6 @@ type Row struct {
 	Class  hsm.Class  `json:"class"`
 	Reason string     `json:"reason,omitempty"` // a stable code for ! and * rows
 	Detail string     `json:"detail"`
-}
-
-// Side is one cluster as the diff sees it: listed once, never looked up
-// key by key.
-type Side struct {
-	Dir   string          `json:"dir"`
-	Info  hsm.ClusterInfo `json:"info"`
-	User  hsm.User        `json:"user"`
-	Users []string        `json:"users"`
-	Keys  []hsm.KeyInfo   `json:"-"`
-}
-
-// Inventory lists the cluster behind s once: its facts, the user names and
-// every key the logged-in user can see. dir names the cluster in errors.
-func Inventory(ctx context.Context, s hsm.Session, dir string) (Side, error) {
-	info, err := s.Info(ctx)
-	if err != nil {
-		return Side{}, fmt.Errorf("cluster %s: %w", dir, err)
-	}
-	users, err := s.ListUsers(ctx)
-	if err != nil {
-		return Side{}, fmt.Errorf("cluster %s: listing users: %w", dir, err)
-	}
-	keys, err := s.ListKeys(ctx, hsm.Filter{})
-	if err != nil {
-		return Side{}, fmt.Errorf("cluster %s: listing keys: %w", dir, err)
-	}
-	side := Side{Dir: dir, Info: info, User: s.User(), Keys: keys}
-	for _, u := range users {
-		side.Users = append(side.Users, u.Name)
-	}
-	return side, nil
 }
 
 // CheckClones refuses two clusters that are not clones of each other (a
@@ -117,7 +90,7 @@ func (d *Diff) Counts() map[string]int {
 // once with NewComparer; Key is then a map lookup per key, so a plan can
 // classify its clone keys with the same rules as synckey.
 type Comparer struct {
-	src, dst Side
+	src, dst hsm.Inventory
 	byRef    map[hsm.KeyRef]hsm.KeyInfo
 	byID     map[string]hsm.KeyRef // owner/class/id → handle on the target
 	users    map[string]bool
@@ -125,7 +98,7 @@ type Comparer struct {
 }
 
 // NewComparer indexes the target side.
-func NewComparer(src, dst Side) *Comparer {
+func NewComparer(src, dst hsm.Inventory) *Comparer {
 	c := &Comparer{
 		src: src, dst: dst,
 		byRef: make(map[hsm.KeyRef]hsm.KeyInfo, len(dst.Keys)),
@@ -188,14 +161,14 @@ func (c *Comparer) Key(k hsm.KeyInfo) Row {
 	case !k.Attrs.Token:
 		return block(ReasonSessionKey, "a session key: it lives only in the session that made it and is never synchronised")
 	case len(k.Coverage.Missing) > 0 || len(k.Coverage.Inconsistent) > 0:
-		return block(ReasonUnsynced, "not synchronised across the source cluster (%s); run keymig hsm sync --cluster %s first", k.Coverage, c.src.Dir)
+		return block(ReasonUnsynced, "not synchronised across the source cluster (%s); run keymig hsm sync --cluster %s first", k.Coverage, c.src.Name)
 	}
 	if missing := missingUsers(append([]string{k.Owner}, k.SharedWith...), c.users); len(missing) > 0 {
 		what := "user"
 		if len(missing) > 1 {
 			what = "users"
 		}
-		return block(ReasonUserMissing, "%s %s does not exist on the target; create it there (keymig hsm user create --cluster %s) and sync again", what, strings.Join(missing, ", "), c.dst.Dir)
+		return block(ReasonUserMissing, "%s %s does not exist on the target; create it there (keymig hsm user create --cluster %s) and sync again", what, strings.Join(missing, ", "), c.dst.Name)
 	}
 	if u := c.src.User; u.Role != hsm.RoleCryptoOfficer && u.Name != k.Owner {
 		return block(ReasonNotOwner, "owned by %s: only %s or a crypto officer may export it masked from the source; log in to the source as one of them", k.Owner, k.Owner)
@@ -264,7 +237,7 @@ func missingUsers(names []string, have map[string]bool) []string {
 
 // Compare diffs two clones' inventories, keeping the keys f selects on
 // either side. prune only changes the wording of - rows.
-func Compare(src, dst Side, f hsm.Filter, prune bool) *Diff {
+func Compare(src, dst hsm.Inventory, f hsm.Filter, prune bool) *Diff {
 	c := NewComparer(src, dst)
 	d := &Diff{Rows: make([]Row, 0, len(src.Keys))}
 	onSource := make(map[hsm.KeyRef]bool, len(src.Keys))
