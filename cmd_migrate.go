@@ -204,7 +204,8 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions, stdout, stderr io
 	if p.Counts()[plan.Rotate] > 0 {
 		lanes := &rotationLanes{pair: pr}
 		defer lanes.close(ctx)
-		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64, OnError: o.OnError}
+		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64, OnError: o.OnError,
+			SkipAdvice: "run migrate with --datakeys-on-error skip to set such records aside"}
 		if !o.NoProgress {
 			opts.Rotation.Progress = func(plan.Item) runner.Progress {
 				// Log lines, not a second bar under the keys' bar.

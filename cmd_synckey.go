@@ -152,7 +152,7 @@ func runSynckey(ctx context.Context, e *env, o synckeyOptions, stdout, stderr io
 	}
 	jitter, err := synckey.ParseJitter(o.Jitter)
 	if err != nil {
-		return err
+		return fmt.Errorf("--%w", err)
 	}
 	filter, err := hsm.ParseFilter(o.Filter)
 	if err != nil {

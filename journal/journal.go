@@ -379,7 +379,7 @@ func (j *Journal) Begin(id, kind string, meta any) (*Run, RunInfo, bool, error) 
 				return fmt.Errorf("journal %s: run %s: %w", j.path, id, ErrFormat)
 			}
 			if info.Kind != kind {
-				return fmt.Errorf("journal %s holds a %s run under %s, not a %s run: use another --journal file", j.path, info.Kind, id, kind)
+				return fmt.Errorf("journal %s holds a %s run under %s, not a %s run: use another journal file for it", j.path, info.Kind, id, kind)
 			}
 			existed = true
 		} else {

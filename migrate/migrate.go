@@ -152,7 +152,6 @@ func (m *Migration) Run(ctx context.Context, r *journal.Run) (Report, error) {
 		Run:         r,
 		Workers:     m.opts.Workers,
 		Process:     m.process,
-		Retryable:   hsm.IsRetryable,
 		Backoff:     m.opts.Backoff,
 		Final:       []string{runner.StateDone, runner.StateSkipped, StateBlocked},
 		MaxItems:    m.opts.MaxKeys,
@@ -246,7 +245,7 @@ func (m *Migration) process(ctx context.Context, it journal.Item, commit runner.
 			msg = fmt.Sprintf("key %s (label %q): the target key %s has check value %s, the source key %s, and deleting it failed (%v): delete it by hand",
 				pi.Ref, pi.Label, target.Ref, target.KCV, pi.KCV, derr)
 		}
-		return it, permanent(errors.New(msg))
+		return it, errors.New(msg)
 	}
 	if pi.Method != plan.MethodMasked {
 		if err := m.share(ctx, pi, target.Ref); err != nil {
@@ -283,11 +282,11 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 	case plan.MethodMasked:
 		src, err := hsm.As[hsm.Masker](m.src, "export masked objects")
 		if err != nil {
-			return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s (label %q): the source: %w", pi.Ref, pi.Label, err))
+			return hsm.KeyInfo{}, fmt.Errorf("key %s (label %q): the source: %w", pi.Ref, pi.Label, err)
 		}
 		dst, err := hsm.As[hsm.Masker](m.dst, "insert masked objects")
 		if err != nil {
-			return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s (label %q): the target: %w", pi.Ref, pi.Label, err))
+			return hsm.KeyInfo{}, fmt.Errorf("key %s (label %q): the target: %w", pi.Ref, pi.Label, err)
 		}
 		blob, err := src.ExportMasked(ctx, pi.Ref)
 		if err != nil {
@@ -316,7 +315,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 	}
 	if m.tr == nil {
-		return hsm.KeyInfo{}, permanent(fmt.Errorf("key %s: no transport key for method %s", pi.Ref, pi.Method))
+		return hsm.KeyInfo{}, fmt.Errorf("key %s: no transport key for method %s", pi.Ref, pi.Method)
 	}
 	wreq, ureq := m.tr.requests(pi)
 	blob, err := m.src.WrapKey(ctx, wreq)
@@ -334,7 +333,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		// An earlier attempt's unwrap may have succeeded with its answer
 		// lost, on an HSM that did not answer the look just made: look
 		// again later rather than fail a key that is probably there.
-		return k, hsm.Errorf(hsm.CodeUnavailable, "migrate", pi.Ref, "key %s (label %q): the target already holds a key with its id, probably from an earlier attempt; looking for it again (%v)", pi.Ref, pi.Label, err)
+		return k, runner.Later(fmt.Errorf("key %s (label %q): the target already holds a key with its id, probably from an earlier attempt; looking for it again (%w)", pi.Ref, pi.Label, err))
 	}
 	if err != nil {
 		return k, fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err)
@@ -350,7 +349,7 @@ func (m *Migration) share(ctx context.Context, pi plan.Item, ref hsm.KeyRef) err
 	}
 	s, err := hsm.As[hsm.Sharer](m.dst, "share keys")
 	if err != nil {
-		return permanent(fmt.Errorf("key %s (label %q): the plan shares it with %s, but the target %w; re-plan", pi.Ref, pi.Label, strings.Join(pi.Shares, ", "), err))
+		return fmt.Errorf("key %s (label %q): the plan shares it with %s, but the target %w; re-plan", pi.Ref, pi.Label, strings.Join(pi.Shares, ", "), err)
 	}
 	for _, u := range pi.Shares {
 		if err := s.ShareKey(ctx, ref, u); err != nil {
@@ -405,8 +404,8 @@ func (m *Migration) lookOnTarget(ctx context.Context, pi plan.Item) (*hsm.KeyInf
 	if err != nil || len(hits) <= 1 {
 		return first(hits), err
 	}
-	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d copies (%s); delete all but one, then run migrate again",
-		pi.Ref, pi.Label, len(hits), refs(hits)))
+	return nil, fmt.Errorf("key %s (label %q): the target holds %d copies (%s); delete all but one, then run migrate again",
+		pi.Ref, pi.Label, len(hits), refs(hits))
 }
 
 // targetKeys lists the target keys with pi's id (or, without one, its
@@ -467,8 +466,8 @@ func (m *Migration) waitCoverage(ctx context.Context, pi plan.Item, k hsm.KeyInf
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return hsm.Errorf(hsm.CodeQuorum, "migrate", ref, "key %s (label %q) is on %d HSM(s) of the target, not yet %d (%s); it will be checked again",
-				pi.Ref, pi.Label, k.Coverage.Count(), m.need, k.Coverage)
+			return runner.Later(hsm.Errorf(hsm.CodeQuorum, "migrate", ref, "key %s (label %q) is on %d HSM(s) of the target, not yet %d (%s); it will be checked again",
+				pi.Ref, pi.Label, k.Coverage.Count(), m.need, k.Coverage))
 		}
 		select {
 		case <-ctx.Done():
@@ -478,10 +477,3 @@ func (m *Migration) waitCoverage(ctx context.Context, pi plan.Item, k hsm.KeyInf
 		delay = min(2*delay, 500*time.Millisecond)
 	}
 }
-
-// permanentError marks an error that retrying cannot cure.
-type permanentError struct{ error }
-
-func (e permanentError) Unwrap() error { return e.error }
-
-func permanent(err error) error { return permanentError{err} }

@@ -29,6 +29,10 @@ type Rotation struct {
 	// does not unwrap under the old master): rotate.Stop (default) fails
 	// the item, rotate.Skip sets it aside in RejectsPath and goes on.
 	OnError rotate.OnError
+	// SkipAdvice tells a user how to ask for bad data keys to be set
+	// aside (the CLI names its flag); default "let migrate set such
+	// records aside".
+	SkipAdvice string
 
 	once     sync.Once
 	src, dst rotate.Side
@@ -47,11 +51,11 @@ func (ro *Rotation) lanes(ctx context.Context) (src, dst rotate.Side, err error)
 func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Item, commit runner.Commit) (journal.Item, error) {
 	dk := pi.Rotation
 	if dk == nil {
-		return it, permanent(fmt.Errorf("key %s (label %q): planned for rotation without a data-key file: re-plan with --datakeys", pi.Ref, pi.Label))
+		return it, fmt.Errorf("key %s (label %q): planned for rotation without a data-key file: re-plan with its data-key file", pi.Ref, pi.Label)
 	}
 	ro := m.opts.Rotation
 	if ro == nil {
-		return it, permanent(fmt.Errorf("key %s (label %q): no sessions were opened for re-encrypting its data keys", pi.Ref, pi.Label))
+		return it, fmt.Errorf("key %s (label %q): no sessions were opened for re-encrypting its data keys", pi.Ref, pi.Label)
 	}
 	master, err := m.findNewMaster(ctx, pi)
 	if err != nil {
@@ -90,10 +94,14 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 	var rec *rotate.RecordError
 	switch {
 	case errors.As(err, &rec):
-		return it, permanent(fmt.Errorf("key %s (label %q): data-key file %s; fix the record and re-plan, or run migrate with --datakeys-on-error skip to set such records aside in %s",
-			pi.Ref, pi.Label, rec.Problem(), RejectsPath(dk)))
+		advice := ro.SkipAdvice
+		if advice == "" {
+			advice = "let migrate set such records aside"
+		}
+		return it, fmt.Errorf("key %s (label %q): data-key file %s; fix the record and re-plan, or %s in %s",
+			pi.Ref, pi.Label, rec.Problem(), advice, RejectsPath(dk))
 	case errors.Is(err, rotate.ErrInputChanged):
-		return it, permanent(fmt.Errorf("key %s (label %q): %w", pi.Ref, pi.Label, err))
+		return it, fmt.Errorf("key %s (label %q): %w", pi.Ref, pi.Label, err)
 	case err != nil:
 		return it, fmt.Errorf("key %s (label %q): re-encrypting its data keys: %w", pi.Ref, pi.Label, err)
 	case rep.Summary.Interrupted:
@@ -126,8 +134,8 @@ func (m *Migration) findNewMaster(ctx context.Context, pi plan.Item) (*hsm.KeyIn
 	if err != nil || len(hits) <= 1 {
 		return first(hits), err
 	}
-	return nil, permanent(fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); the data keys rotated so far name their master's check value in %s (or its .partial): keep that key, delete the others, then run migrate again",
-		pi.Ref, pi.Label, len(hits), refs(hits), pi.Rotation.Out))
+	return nil, fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); the data keys rotated so far name their master's check value in %s (or its .partial): keep that key, delete the others, then run migrate again",
+		pi.Ref, pi.Label, len(hits), refs(hits), pi.Rotation.Out)
 }
 
 // makeNewMaster generates the new master: the old key's label, id and
@@ -143,7 +151,7 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 	k, err := m.dst.GenerateKey(ctx, hsm.KeySpec{Type: pi.Type, Bits: pi.Bits, Template: template(pi)})
 	if errors.Is(err, hsm.ErrExists) && it.Attempts > 1 {
 		// As in move: an earlier attempt's answer may have been lost.
-		return nil, hsm.Errorf(hsm.CodeUnavailable, "migrate", pi.Ref, "key %s (label %q): the target already holds a key with its id, probably the new master from an earlier attempt; looking for it again (%v)", pi.Ref, pi.Label, err)
+		return nil, runner.Later(fmt.Errorf("key %s (label %q): the target already holds a key with its id, probably the new master from an earlier attempt; looking for it again (%w)", pi.Ref, pi.Label, err))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("key %s (label %q): making the new master on the target: %w", pi.Ref, pi.Label, err)

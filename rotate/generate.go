@@ -117,9 +117,7 @@ func Generate(ctx context.Context, cfg GenerateConfig, w io.Writer) (hsm.KeyInfo
 
 // generateOne makes one data key inside the HSM and returns it wrapped.
 func generateOne(ctx context.Context, s Session, master hsm.KeyRef, bits int, m hsm.Mechanism) ([]byte, error) {
-	k, err := withRetry(ctx, func() (hsm.KeyInfo, error) {
-		return s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: bits, Template: sessionTemplate()})
-	})
+	k, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: bits, Template: sessionTemplate()})
 	if err != nil {
 		return nil, fmt.Errorf("generating a data key: %w", err)
 	}

@@ -6,11 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"time"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/internal/failpoint"
-	"github.com/keymig/keymig/runner"
 )
 
 // Session is what a rotation needs of a backend: the core, and deleting
@@ -198,51 +196,27 @@ func (e *RecordError) Problem() string {
 // Unwrap returns the record's problem.
 func (e *RecordError) Unwrap() error { return e.Err }
 
-// withRetry runs op, trying again after a full-jitter backoff while it
-// fails with an error a retry may cure (unavailable, quorum). The cluster
-// client already retries throttling.
-func withRetry[T any](ctx context.Context, op func() (T, error)) (T, error) {
-	b := runner.Backoff{Base: 20 * time.Millisecond, Cap: 2 * time.Second, MaxAttempts: 10}
-	for n := 0; ; n++ {
-		v, err := op()
-		if err == nil || !hsm.IsRetryable(err) || n+1 >= b.MaxAttempts || ctx.Err() != nil {
-			return v, err
-		}
-		t := time.NewTimer(b.Delay(n))
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return v, err
-		}
-	}
-}
+// The HSM calls of a rotation. None is retried here: the backend retries
+// what its HSMs answer (see package hsm/cluster), and a call that still
+// fails fails its batch, which the next run redoes.
 
 // unwrapSession unwraps ct under key into a session object of s.
 func unwrapSession(ctx context.Context, s Session, m hsm.Mechanism, key hsm.KeyRef, ct []byte) (hsm.KeyInfo, error) {
-	return withRetry(ctx, func() (hsm.KeyInfo, error) {
-		return s.UnwrapKey(ctx, hsm.UnwrapRequest{Mechanism: m, UnwrappingKey: key, Blob: ct,
-			Class: hsm.ClassSecret, Type: hsm.TypeAES, Template: sessionTemplate()})
-	})
+	return s.UnwrapKey(ctx, hsm.UnwrapRequest{Mechanism: m, UnwrappingKey: key, Blob: ct,
+		Class: hsm.ClassSecret, Type: hsm.TypeAES, Template: sessionTemplate()})
 }
 
-// wrap wraps payload under key.
+// wrapWith wraps payload under key.
 func wrapWith(ctx context.Context, s Session, m hsm.Mechanism, key, payload hsm.KeyRef) ([]byte, error) {
-	return withRetry(ctx, func() ([]byte, error) {
-		return s.WrapKey(ctx, hsm.WrapRequest{Mechanism: m, WrappingKey: key, Payload: payload})
-	})
+	return s.WrapKey(ctx, hsm.WrapRequest{Mechanism: m, WrappingKey: key, Payload: payload})
 }
 
 // drop deletes a session object, even if ctx was cancelled meanwhile.
 func drop(ctx context.Context, s Session, ref hsm.KeyRef) error {
-	ctx = context.WithoutCancel(ctx)
-	_, err := withRetry(ctx, func() (struct{}, error) {
-		err := s.DeleteKey(ctx, ref)
-		if hsm.CodeOf(err) == hsm.CodeNotFound {
-			err = nil
-		}
-		return struct{}{}, err
-	})
+	err := s.DeleteKey(context.WithoutCancel(ctx), ref)
+	if hsm.CodeOf(err) == hsm.CodeNotFound {
+		err = nil
+	}
 	return err
 }
 

@@ -11,13 +11,16 @@
 //
 // # Retries
 //
-// The HSM cluster client retries throttled calls itself. The runner retries
-// at the level of an item: when Process fails with an error Retryable
-// accepts, the item is driven again from its last committed state after a
-// full-jitter backoff, sleep = random(0, min(Cap, Base·2^attempt)), up to
-// MaxAttempts in this run; other errors fail the item at once. A failed item
-// keeps its state and error in the journal and is tried again by the next
-// run of the same job.
+// The runner never retries an HSM's answer: the backend does that, in one
+// place (package hsm/cluster retries throttled calls and waits for HSMs to
+// come back), and what it returns is final. The runner retries an item
+// only when Process says a condition of the job itself may be cured by
+// time, by returning an error marked with Later (for example, a new key not
+// yet on enough HSMs of the target): the item is then driven again from its
+// last committed state after a full-jitter backoff, sleep = random(0,
+// min(Cap, Base·2^attempt)), up to MaxAttempts in this run. Any other error
+// fails the item at once. A failed item keeps its state and error in the
+// journal and is tried again by the next run of the same job.
 //
 // # Stopping
 //
@@ -60,10 +63,9 @@ type Config struct {
 	Run *journal.Run
 	// Workers bounds the items processed at once; default 16.
 	Workers int
-	// Process drives one item to its final state.
+	// Process drives one item to its final state; an error marked with
+	// Later is retried, any other fails the item.
 	Process func(ctx context.Context, it journal.Item, commit Commit) (journal.Item, error)
-	// Retryable says whether an error may be cured by trying again.
-	Retryable func(error) bool
 	// Backoff is the retry policy; zero values take the defaults.
 	Backoff Backoff
 	// Final lists the states that need no more work; default done and skipped.
@@ -161,9 +163,6 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 	if cfg.Grace <= 0 {
 		cfg.Grace = 30 * time.Second
 	}
-	if cfg.Retryable == nil {
-		cfg.Retryable = func(error) bool { return false }
-	}
 	final := map[string]bool{StateDone: true, StateSkipped: true}
 	if len(cfg.Final) > 0 {
 		final = map[string]bool{}
@@ -230,7 +229,7 @@ dispatch:
 			sum.Stopped = "interrupted"
 			break dispatch
 		case <-deadline:
-			sum.Stopped = fmt.Sprintf("--max-duration %s reached", cfg.MaxDuration)
+			sum.Stopped = fmt.Sprintf("the time limit of %s was reached", cfg.MaxDuration)
 			break dispatch
 		default:
 		}
@@ -241,7 +240,7 @@ dispatch:
 			break
 		}
 		if cfg.MaxItems > 0 && started >= cfg.MaxItems {
-			sum.Stopped = fmt.Sprintf("--max-keys %d reached", cfg.MaxItems)
+			sum.Stopped = fmt.Sprintf("the limit of %d items was reached", cfg.MaxItems)
 			break
 		}
 		started++
@@ -289,6 +288,27 @@ dispatch:
 	return sum, fatal
 }
 
+// Later marks err as a condition of the job that time may cure, so that
+// the runner drives the item again after a backoff. It is the only error
+// the runner retries.
+func Later(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &laterError{err}
+}
+
+// IsLater reports whether err, or an error it wraps, was marked by Later.
+func IsLater(err error) bool {
+	var l *laterError
+	return errors.As(err, &l)
+}
+
+type laterError struct{ err error }
+
+func (e *laterError) Error() string { return e.err.Error() }
+func (e *laterError) Unwrap() error { return e.err }
+
 // fatalError marks an error that stops the whole run: the journal could
 // not record a transition, so going on would lose track of work.
 type fatalError struct{ err error }
@@ -331,7 +351,7 @@ func drive(work, stop context.Context, cfg Config, b Backoff, it journal.Item) (
 		// Keep whatever state Process committed; record the error.
 		failed := it
 		failed.LastError = err.Error()
-		retry := cfg.Retryable(err) && n+1 < b.MaxAttempts && stop.Err() == nil
+		retry := IsLater(err) && n+1 < b.MaxAttempts && stop.Err() == nil
 		if !retry {
 			failed.State = StateFailed
 			if cerr := commit(failed); cerr != nil {

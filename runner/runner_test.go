@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/journal"
 )
 
@@ -56,13 +57,16 @@ func TestRunOutcomes(t *testing.T) {
 		wantRetries bool
 	}{
 		{"all succeed", func(int, journal.Item) error { return nil }, 50, 0, false},
-		{"transient then success", func(calls int, _ journal.Item) error {
+		{"later then success", func(calls int, _ journal.Item) error {
 			if calls < 3 {
-				return errTransient
+				return Later(errTransient)
 			}
 			return nil
 		}, 50, 0, true},
-		{"transient forever gives up", func(int, journal.Item) error { return errTransient }, 0, 50, true},
+		{"later forever gives up", func(int, journal.Item) error { return Later(errTransient) }, 0, 50, true},
+		{"an HSM's retryable answer is not retried here", func(int, journal.Item) error {
+			return fmt.Errorf("wrap: %w", hsm.Errorf(hsm.CodeThrottled, "wrap", 0, "busy"))
+		}, 0, 50, false},
 		{"permanent fails without retry", func(int, journal.Item) error { return errors.New("kcv mismatch") }, 0, 50, false},
 		{"some fail", func(_ int, it journal.Item) error {
 			if it.Key[len(it.Key)-1] == '7' {
@@ -78,7 +82,6 @@ func TestRunOutcomes(t *testing.T) {
 			calls := map[string]int{}
 			sum, err := Run(context.Background(), Config{
 				Run: r, Workers: 8, Backoff: fastBackoff(),
-				Retryable: func(err error) bool { return errors.Is(err, errTransient) },
 				Process: func(ctx context.Context, it journal.Item, commit Commit) (journal.Item, error) {
 					mu.Lock()
 					calls[it.Key]++

@@ -35,13 +35,13 @@ func ParseJitter(s string) (float64, error) {
 	pct := strings.HasSuffix(s, "%")
 	v, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
 	if err != nil {
-		return 0, fmt.Errorf("--jitter %q: want a percentage of the period such as 10%%", s)
+		return 0, fmt.Errorf("jitter %q: want a percentage of the period such as 10%%", s)
 	}
 	if pct {
 		v /= 100
 	}
 	if v < 0 || v > 0.5 {
-		return 0, fmt.Errorf("--jitter %q: want 0%% to 50%% of the period", s)
+		return 0, fmt.Errorf("jitter %q: want 0%% to 50%% of the period", s)
 	}
 	return v, nil
 }
@@ -73,7 +73,7 @@ func (sc Schedule) Next(start, now time.Time) time.Time {
 // nil if the last run was clean.
 func Repeat(ctx context.Context, sc Schedule, log *slog.Logger, run func(context.Context) error) error {
 	if sc.Every <= 0 {
-		return fmt.Errorf("--every %s: want a positive period such as 15m", sc.Every)
+		return fmt.Errorf("a schedule every %s: want a positive period such as 15m", sc.Every)
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)

@@ -220,14 +220,14 @@ func (s *Syncer) checkJournal(meta Meta) (string, error) {
 	unfinished := ""
 	for _, r := range runs {
 		if r.Kind != RunKind {
-			return "", fmt.Errorf("journal %s holds a %s run (%s), not syncs: give synckey its own --journal", s.j.Path(), r.Kind, r.ID)
+			return "", fmt.Errorf("journal %s holds a %s run (%s), not syncs: give synckey a journal of its own", s.j.Path(), r.Kind, r.ID)
 		}
 		var m Meta
 		if err := json.Unmarshal(r.Meta, &m); err != nil {
 			return "", fmt.Errorf("journal %s: run %s: %w", s.j.Path(), r.ID, journal.ErrFormat)
 		}
 		if m.Source != meta.Source || m.Target != meta.Target {
-			return "", fmt.Errorf("journal %s records syncs from %s to %s, not from %s (%s) to %s (%s): give this pair its own --journal",
+			return "", fmt.Errorf("journal %s records syncs from %s to %s, not from %s (%s) to %s (%s): give this pair a journal of its own",
 				s.j.Path(), m.Source, m.Target, meta.Source, s.pair.SourceDir, meta.Target, s.pair.TargetDir)
 		}
 		switch r.Status {
@@ -336,12 +336,11 @@ func (s *Syncer) execute(ctx context.Context, r *journal.Run, sum Summary, dstIn
 	}
 	s.need = min(2, max(1, len(dstInfo.HSMs)))
 	rs, err := runner.Run(ctx, runner.Config{
-		Run:       r,
-		Workers:   s.opts.Workers,
-		Process:   s.process,
-		Retryable: retryable,
-		Backoff:   s.opts.Backoff,
-		Progress:  s.opts.Progress,
+		Run:      r,
+		Workers:  s.opts.Workers,
+		Process:  s.process,
+		Backoff:  s.opts.Backoff,
+		Progress: s.opts.Progress,
 	})
 	sum.Runner = rs
 	sum.Failed = rs.Failed
@@ -429,7 +428,7 @@ func (s *Syncer) outcome(rows []clonediff.Row, r *journal.Run) []clonediff.Row {
 		case it.State == runner.StateDone && rows[i].Mark == clonediff.MarkSource:
 			rows[i].Detail = "copied"
 		case it.State == runner.StateDone:
-			rows[i].Detail = "deleted from the target (--prune)"
+			rows[i].Detail = "deleted from the target (pruned)"
 		case it.LastError != "":
 			rows[i].Detail = "failed: " + it.LastError
 		default:
@@ -445,11 +444,11 @@ func (s *Syncer) outcome(rows []clonediff.Row, r *journal.Run) []clonediff.Row {
 func (s *Syncer) process(ctx context.Context, it journal.Item, commit runner.Commit) (journal.Item, error) {
 	ref, err := hsm.ParseKeyRef(it.Key)
 	if err != nil {
-		return it, permanent(fmt.Errorf("journal %s: item %q is not a key handle: %w", s.j.Path(), it.Key, err))
+		return it, fmt.Errorf("journal %s: item %q is not a key handle: %w", s.j.Path(), it.Key, err)
 	}
 	var d itemData
 	if err := json.Unmarshal(it.Data, &d); err != nil {
-		return it, permanent(fmt.Errorf("journal %s: item %s: %w", s.j.Path(), it.Key, journal.ErrFormat))
+		return it, fmt.Errorf("journal %s: item %s: %w", s.j.Path(), it.Key, journal.ErrFormat)
 	}
 	name := fmt.Sprintf("key %s (label %q)", ref, d.Label)
 	if d.Op == OpDelete {
@@ -493,14 +492,14 @@ func (s *Syncer) verify(ctx context.Context, ref hsm.KeyRef, d itemData, name st
 			return fmt.Errorf("%s: reading the copy back from the target %s: %w", name, s.pair.TargetDir, err)
 		}
 		if !slices.Equal(k.KCV, d.KCV) {
-			return permanent(fmt.Errorf("%s: the target %s holds check value %s under this handle, the source had %s; it is left as is: look at both keys", name, s.pair.TargetDir, k.KCV, d.KCV))
+			return fmt.Errorf("%s: the target %s holds check value %s under this handle, the source had %s; it is left as is: look at both keys", name, s.pair.TargetDir, k.KCV, d.KCV)
 		}
 		if k.Coverage.Count() >= s.need || len(k.Coverage.HSMs) == 0 && s.need <= 1 {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return hsm.Errorf(hsm.CodeQuorum, "synckey", ref, "%s is on %d HSM(s) of the target %s, not yet %d (%s); it will be checked again",
-				name, k.Coverage.Count(), s.pair.TargetDir, s.need, k.Coverage)
+			return runner.Later(hsm.Errorf(hsm.CodeQuorum, "synckey", ref, "%s is on %d HSM(s) of the target %s, not yet %d (%s); it will be checked again",
+				name, k.Coverage.Count(), s.pair.TargetDir, s.need, k.Coverage))
 		}
 		select {
 		case <-ctx.Done():
@@ -515,7 +514,7 @@ func (s *Syncer) verify(ctx context.Context, ref hsm.KeyRef, d itemData, name st
 func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commit, ref hsm.KeyRef, d itemData, name string) (journal.Item, error) {
 	del, err := hsm.As[hsm.KeyDeleter](s.pair.Target, "delete keys")
 	if err != nil {
-		return it, permanent(fmt.Errorf("%s: the target %s: %w", name, s.pair.TargetDir, err))
+		return it, fmt.Errorf("%s: the target %s: %w", name, s.pair.TargetDir, err)
 	}
 	k, err := s.pair.Target.GetKey(ctx, ref)
 	if errors.Is(err, hsm.ErrNotFound) {
@@ -526,7 +525,7 @@ func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commi
 		return it, fmt.Errorf("%s: looking at it on the target %s before deleting it: %w", name, s.pair.TargetDir, err)
 	}
 	if !slices.Equal(k.KCV, d.KCV) {
-		return it, permanent(fmt.Errorf("%s changed on the target %s since the diff (check value %s, was %s); not deleted", name, s.pair.TargetDir, k.KCV, d.KCV))
+		return it, fmt.Errorf("%s changed on the target %s since the diff (check value %s, was %s); not deleted", name, s.pair.TargetDir, k.KCV, d.KCV)
 	}
 	if it.State == runner.StatePending {
 		it.State = StateDeleting
@@ -539,7 +538,7 @@ func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commi
 	}
 	if err := del.DeleteKey(ctx, ref); err != nil && !errors.Is(err, hsm.ErrNotFound) {
 		if hsm.CodeOf(err) == hsm.CodePermission {
-			return it, permanent(fmt.Errorf("%s: delete from the target %s: %w — only its owner %s may delete it (a crypto officer may not): prune logged in to the target as %s", name, s.pair.TargetDir, err, d.Owner, d.Owner))
+			return it, fmt.Errorf("%s: delete from the target %s: %w — only its owner %s may delete it (a crypto officer may not): prune logged in to the target as %s", name, s.pair.TargetDir, err, d.Owner, d.Owner)
 		}
 		return it, s.explain(err, name, "delete from the target "+s.pair.TargetDir, d)
 	}
@@ -547,34 +546,16 @@ func (s *Syncer) prune(ctx context.Context, it journal.Item, commit runner.Commi
 	return it, nil
 }
 
-// explain restates an HSM error with what to do about it, and marks the
-// errors a retry cannot cure.
+// explain restates an HSM error with what to do about it.
 func (s *Syncer) explain(err error, name, step string, d itemData) error {
 	wrapped := fmt.Errorf("%s: %s: %w", name, step, err)
 	switch hsm.CodeOf(err) {
 	case hsm.CodePermission:
-		return permanent(fmt.Errorf("%w — log in as a crypto officer or as the key's owner %s (KEYMIG_SOURCE_PIN, KEYMIG_TARGET_PIN)", wrapped, d.Owner))
+		return fmt.Errorf("%w — log in as a crypto officer or as the key's owner %s (KEYMIG_SOURCE_PIN, KEYMIG_TARGET_PIN)", wrapped, d.Owner)
 	case hsm.CodeExists:
-		return permanent(fmt.Errorf("%w — the target's handle or id holds another key; keymig never overwrites a key", wrapped))
+		return fmt.Errorf("%w — the target's handle or id holds another key; keymig never overwrites a key", wrapped)
 	case hsm.CodeIntegrity:
-		return permanent(fmt.Errorf("%w — the clusters do not share a masking key: are they clones?", wrapped))
-	case hsm.CodeNotFound, hsm.CodeCapacity, hsm.CodeInvalidInput, hsm.CodeNotExtractable:
-		return permanent(wrapped)
+		return fmt.Errorf("%w — the clusters do not share a masking key: are they clones?", wrapped)
 	}
 	return wrapped
-}
-
-// permanentError marks an error that retrying cannot cure.
-type permanentError struct{ error }
-
-func (e permanentError) Unwrap() error { return e.error }
-
-func permanent(err error) error { return permanentError{err} }
-
-func retryable(err error) bool {
-	var p permanentError
-	if errors.As(err, &p) {
-		return false
-	}
-	return hsm.IsRetryable(err)
 }

@@ -136,19 +136,30 @@ type member struct {
 	downUntil  atomic.Int64 // unix nanoseconds; after an unavailable answer
 }
 
+// ThrottleAttempts is how many times a call answered "throttled" is tried
+// in all, with full-jitter backoff between tries, before the throttled
+// error is returned.
+const ThrottleAttempts = 8
+
 // retryPolicy bounds retries: full-jitter exponential backoff for
-// throttling, a pause for unavailable HSMs, and a per-call timeout.
+// throttling, waits for an HSM to come back when none can serve a call, a
+// pause before an unavailable HSM is tried again, and a per-call timeout.
 type retryPolicy struct {
-	base, cap   time.Duration
-	attempts    int
-	downFor     time.Duration
-	callTimeout time.Duration
+	base, cap         time.Duration
+	attempts          int
+	waitBase, waitCap time.Duration
+	waitRounds        int
+	downFor           time.Duration
+	callTimeout       time.Duration
 }
 
 var defaultRetry = retryPolicy{
 	base:        2 * time.Millisecond,
 	cap:         200 * time.Millisecond,
-	attempts:    8,
+	attempts:    ThrottleAttempts,
+	waitBase:    50 * time.Millisecond,
+	waitCap:     2 * time.Second,
+	waitRounds:  6,
 	downFor:     2 * time.Second,
 	callTimeout: 30 * time.Second,
 }

@@ -45,17 +45,22 @@
 //
 // # Failures and retries
 //
-// Retries happen here and nowhere else in keymig's HSM stack. A throttled
-// answer is retried with full-jitter exponential backoff (sleep =
-// random(0, min(200ms, 2ms·2^n)), at most 8 tries), then returned. An HSM
-// that answers unavailable, or does not answer within the call timeout, is
-// set aside for a while and the operation moves to another HSM where that is
-// safe: always for operations that make nothing, and for operations that
-// make a key only if the HSM certainly did nothing (it refused before
-// starting). A create whose outcome is unknown is not retried, since that
-// could make the key twice: the error (code unavailable) says to look for
-// the key before trying again. Stats counts retries, throttling, failovers
-// and quorum refusals.
+// HSM answers are retried here and nowhere else in keymig: the jobs above
+// (migrate, rotate, synckey, through package runner) never retry an HSM's
+// answer, only a step of their own that time may cure (runner.Later). A
+// throttled answer is retried with full-jitter exponential backoff (sleep =
+// random(0, min(200ms, 2ms·2^n)), ThrottleAttempts tries in all), then
+// returned. An HSM that answers unavailable, or does not answer within the
+// call timeout, is set aside for a while and the operation moves to
+// another HSM where that is safe: always for operations that make nothing,
+// and for operations that make a key only if the HSM certainly did nothing
+// (it refused before starting). When no HSM that can serve the call is
+// left, the call waits for one to come back (full-jitter backoff from 50ms
+// to 2s, 6 rounds) before it fails. A create whose outcome is unknown is
+// not retried, since that could make the key twice: the error (code
+// unavailable) says to look for the key before trying again. Whatever a
+// call returns is final for it. Stats counts retries, throttling,
+// failovers and quorum refusals.
 //
 // Changes to users reach every HSM; a change that reaches some reachable
 // HSMs and not others returns an error naming them, rather than being

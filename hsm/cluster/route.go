@@ -198,9 +198,9 @@ func (c *Cluster) markUp(m *member) {
 
 // call runs fn against member m, retrying "throttled" answers with
 // full-jitter exponential backoff: sleep = random(0, min(cap, base·2^n)),
-// a bounded number of times. A throttled answer means the HSM did nothing,
-// so this is safe for every operation. Unavailable answers mark m down.
-// This is the one layer of retries in keymig's HSM stack.
+// ThrottleAttempts tries in all. A throttled answer means the HSM did
+// nothing, so this is safe for every operation. Unavailable answers mark m
+// down; on, its caller, fails over and waits (see the package doc).
 func (c *Cluster) call(ctx context.Context, m *member, fn func(ctx context.Context) error) error {
 	p := c.retry
 	for attempt := 0; ; attempt++ {
