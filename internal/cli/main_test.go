@@ -1,0 +1,114 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/keymig/keymig/internal/keymigtest"
+
+	"github.com/rogpeppe/go-internal/testscript"
+)
+
+// TestMain lets testscript run the real keymig command in-process: a script
+// line "exec keymig ..." calls run exactly as the binary's main would.
+func TestMain(m *testing.M) {
+	testscript.Main(m, map[string]func(){
+		"keymig": func() { os.Exit(Run(os.Args, os.Stdin, os.Stdout, os.Stderr)) },
+	})
+}
+
+// TestScripts runs the end-to-end scripts in testdata/script, each a user's
+// shell session against the real CLI.
+func TestScripts(t *testing.T) {
+	testscript.Run(t, testscript.Params{
+		Dir:                 "testdata/script",
+		RequireExplicitExec: true,
+		Setup: func(e *testscript.Env) error {
+			// Scripts get a private HOME so nothing leaks between them.
+			e.Setenv("HOME", e.WorkDir)
+			// A race-detector build sleeps 1s at every exit by default.
+			e.Setenv("GORACE", "atexit_sleep_ms=0")
+			// Cheap password hashing: hsm init and restore read it.
+			e.Setenv("KEYMIG_KDF_ITERATIONS", "1000")
+			e.Defer(func() {
+				for _, err := range keymigtest.CheckTree(e.WorkDir) {
+					e.T().Log(err)
+					e.T().FailNow()
+				}
+			})
+			return nil
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"flip":     cmdFlip,
+			"waitfile": cmdWaitfile,
+		},
+	})
+}
+
+// cmdFlip is the script command "flip FILE OFFSET|LINE:FIELD": damage a
+// file in a way that always changes it (see keymigtest.Flip).
+func cmdFlip(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: flip FILE OFFSET|LINE:FIELD")
+	}
+	if err := keymigtest.Flip(ts.MkAbs(args[0]), args[1]); err != nil {
+		ts.Fatalf("%v", err)
+	}
+}
+
+// cmdWaitfile is the script command "waitfile FILE [LINES]": wait until a
+// marker the program writes (a failpoint mark) exists, or holds LINES
+// lines. The bound only keeps a broken program from hanging the test.
+func cmdWaitfile(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 1 || len(args) > 2 {
+		ts.Fatalf("usage: waitfile FILE [LINES]")
+	}
+	want := 1
+	if len(args) == 2 {
+		n, err := strconv.Atoi(args[1])
+		if err != nil || n < 1 {
+			ts.Fatalf("waitfile: LINES %q: want a number from 1", args[1])
+		}
+		want = n
+	}
+	path := ts.MkAbs(args[0])
+	for deadline := time.Now().Add(2 * time.Minute); keymigtest.MarkerLines(path) < want; {
+		if time.Now().After(deadline) {
+			ts.Fatalf("waitfile: %s has %d of %d lines after 2 minutes: the program never reached its marker", args[0], keymigtest.MarkerLines(path), want)
+		}
+		time.Sleep(10 * time.Millisecond) // polling for a marker the program writes
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	live := context.Background()
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	tests := []struct {
+		name string
+		ctx  context.Context
+		err  error
+		want int
+	}{
+		{"success", live, nil, exitOK},
+		{"error", live, errors.New("boom"), exitError},
+		{"pending", live, fmt.Errorf("plan: %w", errChangesPending), exitPending},
+		{"interrupted", live, errInterrupted, exitInterrupted},
+		{"cancelled by signal", cancelled, fmt.Errorf("run: %w", context.Canceled), exitInterrupted},
+		{"cancelled without signal", live, context.Canceled, exitError},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			if got := exitCode(tt.ctx, tt.err, &stderr); got != tt.want {
+				t.Fatalf("exitCode = %d, want %d (stderr %q)", got, tt.want, stderr.String())
+			}
+		})
+	}
+}
