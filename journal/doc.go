@@ -12,11 +12,14 @@
 //
 // # Concurrency and durability
 //
-// A Journal is safe for concurrent use. Transitions go through bbolt's
-// DB.Batch, so concurrent workers share one fsync; the batch size is set to
-// the worker count. Batch may call its function more than once, so every
-// write here is a pure overwrite of a record computed before the batch.
-// A transition has happened once Transition returns nil, and not before.
+// A Journal is safe for concurrent use. Item transitions (Run.Put) go
+// through internal/boltgroup, so concurrent workers share one commit and
+// one fsync, with no added delay when one writes alone; Options.BatchSize
+// bounds a commit and is set to the worker count. A shared commit may run a
+// write more than once, so every write here is a pure overwrite of a record
+// computed before the commit. A transition has happened once Put returns
+// nil, and not before. The points before and after that commit are the
+// failpoints journal/before-commit and journal/after-commit.
 //
 // # Locking
 //

@@ -15,6 +15,8 @@
 // and KCV) and adopts it instead of unwrapping again. The wrapped blob lives
 // only in memory and never reaches the journal.
 //
-// The package depends only on the hsm contract; package main picks the
-// backend.
+// Optional capabilities are asked for where an item needs them: masked
+// objects for a sync, sharing for a key the plan shares, deletion for a
+// target key whose check value is wrong. The package depends only on the
+// hsm contract; internal/cli picks the backend.
 package migrate

@@ -83,5 +83,7 @@
 // does not grow with the file.
 //
 // The package depends on the hsm contract, the journal and the runner only;
-// package main picks the backend.
+// internal/cli picks the backend. A rotation asks of each session the core
+// and deletion (Session), since every session object it makes is deleted
+// as soon as it is used.
 package rotate
