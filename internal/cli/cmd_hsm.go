@@ -134,9 +134,9 @@ func openCluster(ctx context.Context, o clusterOptions) (*cluster.Cluster, error
 	return cl, nil
 }
 
-// withSession opens the cluster, logs in with o.Creds, runs fn, then logs out
-// and closes the cluster whatever fn returned.
-func withSession(ctx context.Context, o clusterOptions, fn func(cl *cluster.Cluster, s hsm.Session) error) (err error) {
+// withCluster opens the cluster, runs fn, then closes the cluster whatever
+// fn returned; an error closing it is reported if fn had none.
+func withCluster(ctx context.Context, o clusterOptions, fn func(cl *cluster.Cluster) error) (err error) {
 	cl, err := openCluster(ctx, o)
 	if err != nil {
 		return err
@@ -146,12 +146,19 @@ func withSession(ctx context.Context, o clusterOptions, fn func(cl *cluster.Clus
 			err = inCluster(o.Dir, cerr)
 		}
 	}()
-	s, err := cl.Login(ctx, o.Creds)
-	if err != nil {
-		return loginError(o.Dir, o.Creds.User, err)
-	}
-	defer s.Logout(context.WithoutCancel(ctx))
-	return fn(cl, s)
+	return fn(cl)
+}
+
+// withSession is withCluster logged in with o.Creds, logged out at the end.
+func withSession(ctx context.Context, o clusterOptions, fn func(cl *cluster.Cluster, s hsm.Session) error) error {
+	return withCluster(ctx, o, func(cl *cluster.Cluster) error {
+		s, err := cl.Login(ctx, o.Creds)
+		if err != nil {
+			return loginError(o.Dir, o.Creds.User, err)
+		}
+		defer s.Logout(context.WithoutCancel(ctx))
+		return fn(cl, s)
+	})
 }
 
 // loginError restates a failed login the way CloudHSM CLI users expect,

@@ -71,100 +71,86 @@ type auditRecord struct {
 }
 
 // runHSMAuditShow prints audit records, HSM by HSM, in sequence order.
-func runHSMAuditShow(ctx context.Context, e *env, o hsmAuditOptions) (err error) {
+func runHSMAuditShow(ctx context.Context, e *env, o hsmAuditOptions) error {
 	stdout := e.stdout
-	cl, err := openCluster(ctx, o.clusterOptions)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := cl.Close(); cerr != nil && err == nil {
-			err = inCluster(o.Dir, cerr)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		var ids []string
+		if o.HSM != "" {
+			ids = []string{o.HSM}
+		} else {
+			for _, h := range cl.Info().HSMs {
+				ids = append(ids, h.ID)
+			}
 		}
-	}()
-	var ids []string
-	if o.HSM != "" {
-		ids = []string{o.HSM}
-	} else {
-		for _, h := range cl.Info().HSMs {
-			ids = append(ids, h.ID)
+		var recs []auditRecord
+		for _, id := range ids {
+			err := cl.AuditRecords(ctx, id, func(r hsm.AuditRecord) error {
+				recs = append(recs, auditRecord{HSM: id, AuditRecord: r})
+				return nil
+			})
+			if err != nil {
+				return inCluster(o.Dir, fmt.Errorf("read the audit log of HSM %s: %w", id, err))
+			}
 		}
-	}
-	var recs []auditRecord
-	for _, id := range ids {
-		err := cl.AuditRecords(ctx, id, func(r hsm.AuditRecord) error {
-			recs = append(recs, auditRecord{HSM: id, AuditRecord: r})
-			return nil
-		})
-		if err != nil {
-			return inCluster(o.Dir, fmt.Errorf("read the audit log of HSM %s: %w", id, err))
+		if o.Output == outputJSON {
+			return writeJSON(stdout, struct {
+				Cluster string        `json:"cluster"`
+				Records []auditRecord `json:"records"`
+			}{o.Dir, nonNil(recs)})
 		}
-	}
-	if o.Output == outputJSON {
-		return writeJSON(stdout, struct {
-			Cluster string        `json:"cluster"`
-			Records []auditRecord `json:"records"`
-		}{o.Dir, nonNil(recs)})
-	}
-	t := newTable(stdout, "HSM", "SEQ", "TIME", "USER", "OP", "KEYS", "TARGET", "OUTCOME")
-	for _, r := range recs {
-		handles := make([]string, len(r.Handles))
-		for i, h := range r.Handles {
-			handles[i] = h.String()
+		t := newTable(stdout, "HSM", "SEQ", "TIME", "USER", "OP", "KEYS", "TARGET", "OUTCOME")
+		for _, r := range recs {
+			handles := make([]string, len(r.Handles))
+			for i, h := range r.Handles {
+				handles[i] = h.String()
+			}
+			t.row(r.HSM, fmt.Sprint(r.Seq), r.Time.UTC().Format(time.RFC3339), r.User, r.Op, joinOrDash(handles), r.Target, r.Outcome)
 		}
-		t.row(r.HSM, fmt.Sprint(r.Seq), r.Time.UTC().Format(time.RFC3339), r.User, r.Op, joinOrDash(handles), r.Target, r.Outcome)
-	}
-	return t.flush()
+		return t.flush()
+	})
 }
 
 // runHSMAuditVerify checks every HSM's audit chain and fails, naming the HSM
 // and the first bad record, if any is broken.
-func runHSMAuditVerify(ctx context.Context, e *env, o hsmAuditOptions) (err error) {
+func runHSMAuditVerify(ctx context.Context, e *env, o hsmAuditOptions) error {
 	stdout := e.stdout
-	cl, err := openCluster(ctx, o.clusterOptions)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := cl.Close(); cerr != nil && err == nil {
-			err = inCluster(o.Dir, cerr)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		reports, err := cl.VerifyAudit(ctx)
+		if err != nil {
+			return inCluster(o.Dir, fmt.Errorf("verify audit logs: %w", err))
 		}
-	}()
-	reports, err := cl.VerifyAudit(ctx)
-	if err != nil {
-		return inCluster(o.Dir, fmt.Errorf("verify audit logs: %w", err))
-	}
-	if o.Output == outputJSON {
-		if err := writeJSON(stdout, struct {
-			Cluster string                `json:"cluster"`
-			OK      bool                  `json:"ok"`
-			HSMs    []cluster.AuditReport `json:"hsms"`
-		}{o.Dir, auditOK(reports), nonNil(reports)}); err != nil {
-			return err
-		}
-	} else {
-		t := newTable(stdout, "HSM", "RECORDS", "CHAIN", "PROBLEM")
-		for _, r := range reports {
-			chain := "ok"
-			if !r.OK {
-				chain = "BROKEN"
+		if o.Output == outputJSON {
+			if err := writeJSON(stdout, struct {
+				Cluster string                `json:"cluster"`
+				OK      bool                  `json:"ok"`
+				HSMs    []cluster.AuditReport `json:"hsms"`
+			}{o.Dir, auditOK(reports), nonNil(reports)}); err != nil {
+				return err
 			}
-			t.row(r.HSM, fmt.Sprint(r.Records), chain, r.Problem)
+		} else {
+			t := newTable(stdout, "HSM", "RECORDS", "CHAIN", "PROBLEM")
+			for _, r := range reports {
+				chain := "ok"
+				if !r.OK {
+					chain = "BROKEN"
+				}
+				t.row(r.HSM, fmt.Sprint(r.Records), chain, r.Problem)
+			}
+			if err := t.flush(); err != nil {
+				return err
+			}
 		}
-		if err := t.flush(); err != nil {
-			return err
+		var broken []string
+		for _, r := range reports {
+			if !r.OK {
+				broken = append(broken, fmt.Sprintf("HSM %s: %s", r.HSM, r.Problem))
+			}
 		}
-	}
-	var broken []string
-	for _, r := range reports {
-		if !r.OK {
-			broken = append(broken, fmt.Sprintf("HSM %s: %s", r.HSM, r.Problem))
+		if len(broken) > 0 {
+			return inCluster(o.Dir, errors.New("audit log tampered with or damaged: "+strings.Join(broken, "; ")))
 		}
-	}
-	if len(broken) > 0 {
-		return inCluster(o.Dir, errors.New("audit log tampered with or damaged: "+strings.Join(broken, "; ")))
-	}
-	return nil
+		return nil
+	})
 }
 
 // auditOK reports whether every HSM's chain is intact.

@@ -64,33 +64,26 @@ and not an HSM login, these commands need no PIN.`,
 }
 
 // runHSMBackupCreate writes a backup of the cluster to o.Out.
-func runHSMBackupCreate(ctx context.Context, e *env, o hsmBackupOptions) (err error) {
+func runHSMBackupCreate(ctx context.Context, e *env, o hsmBackupOptions) error {
 	stdout := e.stdout
 	if err := refuseExistingOutput(o.Out, o.Force); err != nil {
 		return err
 	}
-	cl, err := openCluster(ctx, o.clusterOptions)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := cl.Close(); cerr != nil && err == nil {
-			err = inCluster(o.Dir, cerr)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		info, err := cl.Backup(ctx, o.Out)
+		if err != nil {
+			return inCluster(o.Dir, err)
 		}
-	}()
-	info, err := cl.Backup(ctx, o.Out)
-	if err != nil {
-		return inCluster(o.Dir, err)
-	}
-	if o.Output == outputJSON {
-		return writeJSON(stdout, struct {
-			Cluster string             `json:"cluster"`
-			Backup  cluster.BackupInfo `json:"backup"`
-		}{o.Dir, info})
-	}
-	_, err = fmt.Fprintf(stdout, "wrote backup %s of cluster %s (%s, %d token keys, %d users) to %s\n",
-		info.ID, info.ClusterID, info.Region, info.Keys, info.Users, o.Out)
-	return err
+		if o.Output == outputJSON {
+			return writeJSON(stdout, struct {
+				Cluster string             `json:"cluster"`
+				Backup  cluster.BackupInfo `json:"backup"`
+			}{o.Dir, info})
+		}
+		_, err = fmt.Fprintf(stdout, "wrote backup %s of cluster %s (%s, %d token keys, %d users) to %s\n",
+			info.ID, info.ClusterID, info.Region, info.Keys, info.Users, o.Out)
+		return err
+	})
 }
 
 // runHSMBackupList lists the backups kept in the cluster directory.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/urfave/cli/v2"
 )
 
@@ -39,32 +40,25 @@ Example:
 }
 
 // runHSMAddHSM adds one HSM and prints it.
-func runHSMAddHSM(ctx context.Context, e *env, o hsmMembershipOptions) (err error) {
+func runHSMAddHSM(ctx context.Context, e *env, o hsmMembershipOptions) error {
 	stdout := e.stdout
-	cl, err := openCluster(ctx, o.clusterOptions)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := cl.Close(); cerr != nil && err == nil {
-			err = inCluster(o.Dir, cerr)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		h, err := cl.AddHSM(ctx, o.AZ)
+		if err != nil {
+			return inCluster(o.Dir, err)
 		}
-	}()
-	h, err := cl.AddHSM(ctx, o.AZ)
-	if err != nil {
-		return inCluster(o.Dir, err)
-	}
-	info := cl.Info()
-	if o.Output == outputJSON {
-		return writeJSON(stdout, struct {
-			Cluster string        `json:"cluster"`
-			Added   hsm.HSMInfo   `json:"added"`
-			HSMs    []hsm.HSMInfo `json:"hsms"`
-			Policy  hsm.Policy    `json:"policy"`
-		}{o.Dir, h, nonNil(info.HSMs), info.Policy})
-	}
-	_, err = fmt.Fprintf(stdout, "added HSM %s in %s to cluster %s; it now has %d HSMs\n", h.ID, h.AZ, o.Dir, len(info.HSMs))
-	return err
+		info := cl.Info()
+		if o.Output == outputJSON {
+			return writeJSON(stdout, struct {
+				Cluster string        `json:"cluster"`
+				Added   hsm.HSMInfo   `json:"added"`
+				HSMs    []hsm.HSMInfo `json:"hsms"`
+				Policy  hsm.Policy    `json:"policy"`
+			}{o.Dir, h, nonNil(info.HSMs), info.Policy})
+		}
+		_, err = fmt.Fprintf(stdout, "added HSM %s in %s to cluster %s; it now has %d HSMs\n", h.ID, h.AZ, o.Dir, len(info.HSMs))
+		return err
+	})
 }
 
 // hsmRemoveHSMCommand is `keymig hsm remove-hsm`.
@@ -90,31 +84,24 @@ Example:
 }
 
 // runHSMRemoveHSM removes one HSM.
-func runHSMRemoveHSM(ctx context.Context, e *env, o hsmMembershipOptions) (err error) {
+func runHSMRemoveHSM(ctx context.Context, e *env, o hsmMembershipOptions) error {
 	stdout := e.stdout
 	if o.HSM == "" {
 		return errors.New("--hsm ID is required (see `keymig hsm status`)")
 	}
-	cl, err := openCluster(ctx, o.clusterOptions)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := cl.Close(); cerr != nil && err == nil {
-			err = inCluster(o.Dir, cerr)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		if err := cl.RemoveHSM(ctx, o.HSM); err != nil {
+			return inCluster(o.Dir, err)
 		}
-	}()
-	if err := cl.RemoveHSM(ctx, o.HSM); err != nil {
-		return inCluster(o.Dir, err)
-	}
-	info := cl.Info()
-	if o.Output == outputJSON {
-		return writeJSON(stdout, struct {
-			Cluster string        `json:"cluster"`
-			Removed string        `json:"removed"`
-			HSMs    []hsm.HSMInfo `json:"hsms"`
-		}{o.Dir, o.HSM, nonNil(info.HSMs)})
-	}
-	_, err = fmt.Fprintf(stdout, "removed HSM %s from cluster %s; it now has %d HSMs\n", o.HSM, o.Dir, len(info.HSMs))
-	return err
+		info := cl.Info()
+		if o.Output == outputJSON {
+			return writeJSON(stdout, struct {
+				Cluster string        `json:"cluster"`
+				Removed string        `json:"removed"`
+				HSMs    []hsm.HSMInfo `json:"hsms"`
+			}{o.Dir, o.HSM, nonNil(info.HSMs)})
+		}
+		_, err := fmt.Fprintf(stdout, "removed HSM %s from cluster %s; it now has %d HSMs\n", o.HSM, o.Dir, len(info.HSMs))
+		return err
+	})
 }

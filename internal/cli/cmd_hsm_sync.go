@@ -41,38 +41,31 @@ Example:
 
 // runHSMSync runs one anti-entropy pass and prints what it did. Problems
 // (HSMs not reached, copies that failed) make it fail after printing them.
-func runHSMSync(ctx context.Context, e *env, o hsmSyncOptions) (err error) {
+func runHSMSync(ctx context.Context, e *env, o hsmSyncOptions) error {
 	stdout := e.stdout
-	cl, err := openCluster(ctx, o.clusterOptions)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := cl.Close(); cerr != nil && err == nil {
-			err = inCluster(o.Dir, cerr)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		rep, err := cl.Sync(ctx)
+		if err != nil {
+			return inCluster(o.Dir, fmt.Errorf("sync: %w", err))
 		}
-	}()
-	rep, err := cl.Sync(ctx)
-	if err != nil {
-		return inCluster(o.Dir, fmt.Errorf("sync: %w", err))
-	}
-	if o.Output == outputJSON {
-		if err := writeJSON(stdout, struct {
-			Cluster string `json:"cluster"`
-			cluster.SyncReport
-			Problems []string `json:"problems"`
-		}{o.Dir, rep, nonNil(rep.Problems)}); err != nil {
-			return err
+		if o.Output == outputJSON {
+			if err := writeJSON(stdout, struct {
+				Cluster string `json:"cluster"`
+				cluster.SyncReport
+				Problems []string `json:"problems"`
+			}{o.Dir, rep, nonNil(rep.Problems)}); err != nil {
+				return err
+			}
+		} else {
+			fmt.Fprintf(stdout, "synced cluster %s: copied %s, deleted %s, copied %s\n",
+				o.Dir, plural(rep.KeysCopied, "key"), plural(rep.KeysDeleted, "key"), plural(rep.UsersCopied, "user"))
+			for _, p := range rep.Problems {
+				fmt.Fprintf(stdout, "problem: %s\n", p)
+			}
 		}
-	} else {
-		fmt.Fprintf(stdout, "synced cluster %s: copied %s, deleted %s, copied %s\n",
-			o.Dir, plural(rep.KeysCopied, "key"), plural(rep.KeysDeleted, "key"), plural(rep.UsersCopied, "user"))
-		for _, p := range rep.Problems {
-			fmt.Fprintf(stdout, "problem: %s\n", p)
+		if len(rep.Problems) > 0 {
+			return inCluster(o.Dir, fmt.Errorf("sync left %s (see above); bring the HSMs up (`keymig hsm fault --up`) and run sync again", plural(len(rep.Problems), "problem")))
 		}
-	}
-	if len(rep.Problems) > 0 {
-		return inCluster(o.Dir, fmt.Errorf("sync left %s (see above); bring the HSMs up (`keymig hsm fault --up`) and run sync again", plural(len(rep.Problems), "problem")))
-	}
-	return nil
+		return nil
+	})
 }
