@@ -29,10 +29,15 @@ func testCluster(t *testing.T, dir string) (*cluster.Cluster, hsm.Session) {
 
 // benchCluster is testCluster for tests and benchmarks alike.
 func benchCluster(t testing.TB, dir string) (*cluster.Cluster, hsm.Session) {
+	return clusterOf(t, dir, nil)
+}
+
+// clusterOf is testCluster with HSMs made by members (nil: local ones).
+func clusterOf(t testing.TB, dir string, members cluster.Opener) (*cluster.Cluster, hsm.Session) {
 	t.Helper()
 	ctx := context.Background()
 	keymigtest.CheckAfter(t, dir)
-	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: 2, Officer: officer, KDFIterations: 1000, KeyCapacity: 100000})
+	c, err := cluster.Init(ctx, cluster.InitOptions{Dir: dir, HSMs: 2, Officer: officer, KDFIterations: 1000, KeyCapacity: 100000, Members: members})
 	if err != nil {
 		t.Fatal(err)
 	}

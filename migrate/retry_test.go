@@ -73,25 +73,7 @@ func TestThrottledWrapIsRetriedByOneLayer(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
 			var wraps atomic.Int64
-			srcC, err := cluster.Init(ctx, cluster.InitOptions{Dir: filepath.Join(dir, "src"), HSMs: 2, Officer: officer, KDFIterations: 1000,
-				Members: throttlingHSMs{throttle: tt.throttle, wraps: &wraps}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer srcC.Close()
-			co, err := srcC.Login(ctx, officer)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := co.(hsm.Users).CreateUser(ctx, user.User, hsm.RoleCryptoUser, user.Password); err != nil {
-				t.Fatal(err)
-			}
-			co.Logout(ctx)
-			src, err := srcC.Login(ctx, user)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer src.Logout(ctx)
+			_, src := clusterOf(t, filepath.Join(dir, "src"), throttlingHSMs{throttle: tt.throttle, wraps: &wraps})
 			if _, err := src.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: "k", ID: hsm.Bytes("k1")}}); err != nil {
 				t.Fatal(err)
 			}

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/internal/failpoint"
@@ -277,18 +278,76 @@ type killCase interface {
 // killAtEveryPass runs, for each point of points and each of its kill
 // passes, a fresh case made by newCase, killed there; then it finishes
 // the job and checks it. passes is what countPasses measured.
-func killAtEveryPass(t *testing.T, points []failpoint.Point, passes map[failpoint.Point]int, newCase func(t *testing.T, n int) killCase) {
+func killAtEveryPass(t *testing.T, points []failpoint.Point, passes map[failpoint.Point]int, newCase func(t *testing.T) killCase) {
 	t.Helper()
 	for _, p := range points {
-		for i, n := range killPasses(passes[p]) {
+		for _, n := range killPasses(passes[p]) {
 			t.Run(fmt.Sprintf("%s@%d", strings.ReplaceAll(string(p), "/", "-"), n), func(t *testing.T) {
 				t.Parallel()
-				c := newCase(t, i)
+				c := newCase(t)
 				if r := c.run(fmt.Sprintf("%s=kill@%d", p, n)); !r.killed {
 					t.Fatalf("not killed at pass %d of %s (an uninterrupted run passes it %d times): %s", n, p, passes[p], r)
 				}
 				c.finish()
 			})
+		}
+	}
+}
+
+// running is a keymig process started by startKeymig.
+type running struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	out    syncBuffer
+	exited chan error
+}
+
+// startKeymig starts keymig with failpoints and args, and kills it when
+// the test ends if it is still running.
+func startKeymig(t *testing.T, failpoints string, args ...string) *running {
+	t.Helper()
+	r := &running{t: t, cmd: exec.Command(keymigBin, args...), exited: make(chan error, 1)}
+	r.cmd.Env = keymigEnv(failpoints)
+	r.cmd.Stdout, r.cmd.Stderr = &r.out, &r.out
+	if err := r.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { r.exited <- r.cmd.Wait() }()
+	t.Cleanup(func() { r.cmd.Process.Kill() })
+	return r
+}
+
+// signal sends sig to the process.
+func (r *running) signal(sig os.Signal) {
+	r.t.Helper()
+	if err := r.cmd.Process.Signal(sig); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// wait waits for the process to end and says how.
+func (r *running) wait() result {
+	r.t.Helper()
+	err := <-r.exited
+	return ended(r.cmd.Args[1:], r.out.String(), err, r.t)
+}
+
+// waitMarker waits until the marker file at path holds lines lines, or
+// fails the test when the process exits first. The bound only keeps a
+// broken binary from hanging the test.
+func (r *running) waitMarker(path string, lines int) {
+	r.t.Helper()
+	tick := time.NewTicker(10 * time.Millisecond) // polling for a marker the program writes
+	defer tick.Stop()
+	deadline := time.After(2 * time.Minute)
+	for keymigtest.MarkerLines(path) < lines {
+		select {
+		case err := <-r.exited:
+			r.exited <- err
+			r.t.Fatalf("keymig ended (%v) before writing marker %s line %d:\n%s", err, path, lines, lastLines(r.out.String(), 15))
+		case <-deadline:
+			r.t.Fatalf("keymig never wrote marker %s line %d:\n%s", path, lines, lastLines(r.out.String(), 15))
+		case <-tick.C:
 		}
 	}
 }

@@ -76,7 +76,7 @@ func TestMigrateRotationKilledAtEveryPoint(t *testing.T) {
 		return c
 	}
 	passes := countPasses(t, migrateRotationPoints, newCase(t).run)
-	killAtEveryPass(t, migrateRotationPoints, passes, func(t *testing.T, _ int) killCase { return newCase(t) })
+	killAtEveryPass(t, migrateRotationPoints, passes, func(t *testing.T) killCase { return newCase(t) })
 }
 
 // rotationMigration is one case of TestMigrateRotationKilledAtEveryPoint.

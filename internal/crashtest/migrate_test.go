@@ -3,12 +3,10 @@ package crashtest
 import (
 	"context"
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/internal/failpoint"
@@ -130,7 +128,7 @@ func TestMigrateKilledAtEveryPoint(t *testing.T) {
 	}
 	f := newMigrateFixture(t, keys)
 	passes := countPasses(t, migratePoints, f.migration(t, "session-kek").run)
-	killAtEveryPass(t, migratePoints, passes, func(t *testing.T, _ int) killCase { return f.migration(t, "session-kek") })
+	killAtEveryPass(t, migratePoints, passes, func(t *testing.T) killCase { return f.migration(t, "session-kek") })
 }
 
 // TestMigrateInjectedErrors makes a step fail, instead of killing the
@@ -161,21 +159,10 @@ func TestMigrateStopsCleanlyOnSIGINT(t *testing.T) {
 	f := newMigrateFixture(t, 60)
 	m := f.migration(t, "rsa-aes")
 	marker := filepath.Join(t.TempDir(), "paused")
-	cmd := exec.Command(keymigBin, m.migrateArg...)
-	cmd.Env = keymigEnv(fmt.Sprintf("%s=pause(%s)@30", failpoint.RunnerBeforeItem, marker))
-	var out syncBuffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	waitMarker(t, marker, 1, exited, &out)
-	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
-		t.Fatal(err)
-	}
-	err := <-exited
-	r := ended(m.migrateArg, out.String(), err, t)
+	proc := startKeymig(t, fmt.Sprintf("%s=pause(%s)@30", failpoint.RunnerBeforeItem, marker), m.migrateArg...)
+	proc.waitMarker(marker, 1)
+	proc.signal(syscall.SIGINT)
+	r := proc.wait()
 	if r.code != 130 || !strings.Contains(r.out, "run the same command again to resume") {
 		t.Fatalf("after SIGINT: want exit 130 and the resume hint: %s", r)
 	}
@@ -198,25 +185,6 @@ func TestMigrateStopsCleanlyOnSIGINT(t *testing.T) {
 		t.Fatalf("after SIGINT: run %s, states %v; want interrupted, 29 done, %d pending, none acting", info.Status, counts, len(p.Items)-29)
 	}
 	m.finish()
-}
-
-// waitMarker waits until the marker file at path holds lines lines, or
-// fails the test when the process exits first. The bound only keeps a
-// broken binary from hanging the test.
-func waitMarker(t *testing.T, path string, lines int, exited <-chan error, out fmt.Stringer) {
-	t.Helper()
-	tick := time.NewTicker(10 * time.Millisecond) // polling for a marker the program writes
-	defer tick.Stop()
-	deadline := time.After(2 * time.Minute)
-	for keymigtest.MarkerLines(path) < lines {
-		select {
-		case err := <-exited:
-			t.Fatalf("keymig ended (%v) before writing marker %s line %d:\n%s", err, path, lines, lastLines(out.String(), 15))
-		case <-deadline:
-			t.Fatalf("keymig never wrote marker %s line %d:\n%s", path, lines, lastLines(out.String(), 15))
-		case <-tick.C:
-		}
-	}
 }
 
 // TestEveryPointIsKilled checks that the crash tests together kill the

@@ -145,7 +145,7 @@ func TestRotateKilledAtEveryPoint(t *testing.T) {
 	}
 	f := newRotateFixture(t, records)
 	passes := countPasses(t, rotatePoints, f.rotation(t).run)
-	killAtEveryPass(t, rotatePoints, passes, func(t *testing.T, _ int) killCase { return f.rotation(t) })
+	killAtEveryPass(t, rotatePoints, passes, func(t *testing.T) killCase { return f.rotation(t) })
 }
 
 // TestRotateInjectedErrors makes the rename into place and a batch write

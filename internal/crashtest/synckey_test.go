@@ -3,7 +3,6 @@ package crashtest
 import (
 	"encoding/json"
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -133,7 +132,7 @@ func TestSynckeyKilledAtEveryPoint(t *testing.T) {
 	}
 	f := newSyncFixture(t, keys)
 	passes := countPasses(t, synckeyPoints, f.sync(t).run)
-	killAtEveryPass(t, synckeyPoints, passes, func(t *testing.T, _ int) killCase { return f.sync(t) })
+	killAtEveryPass(t, synckeyPoints, passes, func(t *testing.T) killCase { return f.sync(t) })
 }
 
 // TestSynckeyPruneKilled kills keymig synckey --prune --yes between the
@@ -167,28 +166,15 @@ func TestSynckeyEvery(t *testing.T) {
 	s := f.sync(t)
 	s.args = append(s.args, "--every", "1h")
 	marker := filepath.Join(t.TempDir(), "between")
-	cmd := exec.Command(keymigBin, s.args...)
-	cmd.Env = keymigEnv(fmt.Sprintf("%s=mark(%s)", failpoint.SynckeyBetweenSyncs, marker))
-	var out syncBuffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer cmd.Process.Kill()
-
-	waitMarker(t, marker, 1, exited, &out)
+	proc := startKeymig(t, fmt.Sprintf("%s=mark(%s)", failpoint.SynckeyBetweenSyncs, marker), s.args...)
+	proc.waitMarker(marker, 1)
 	added := testcluster.GenerateAES(t, s.src, "late", 1, map[hsm.Attr]bool{hsm.AttrExtractable: false})
-	cmd.Process.Signal(syscall.SIGUSR1)
-	waitMarker(t, marker, 2, exited, &out)
-	cmd.Process.Signal(syscall.SIGUSR1)
-	waitMarker(t, marker, 3, exited, &out)
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	err := <-exited
-	r := ended(s.args, out.String(), err, t)
+	proc.signal(syscall.SIGUSR1)
+	proc.waitMarker(marker, 2)
+	proc.signal(syscall.SIGUSR1)
+	proc.waitMarker(marker, 3)
+	proc.signal(syscall.SIGTERM)
+	r := proc.wait()
 	if r.code != 0 || !strings.Contains(r.out, "stopped between syncs") {
 		t.Fatalf("synckey --every after SIGTERM: want exit 0 and 'stopped between syncs': %s", r)
 	}
