@@ -148,7 +148,7 @@ type retryPolicy struct {
 	base, cap         time.Duration
 	attempts          int
 	waitBase, waitCap time.Duration
-	waitRounds        int
+	waitFor           time.Duration // how long a call waits for an HSM to come back
 	downFor           time.Duration
 	callTimeout       time.Duration
 }
@@ -159,7 +159,7 @@ var defaultRetry = retryPolicy{
 	attempts:    ThrottleAttempts,
 	waitBase:    50 * time.Millisecond,
 	waitCap:     2 * time.Second,
-	waitRounds:  6,
+	waitFor:     5 * time.Second,
 	downFor:     2 * time.Second,
 	callTimeout: 30 * time.Second,
 }

@@ -56,7 +56,7 @@
 // and for operations that make a key only if the HSM certainly did nothing
 // (it refused before starting). When no HSM that can serve the call is
 // left, the call waits for one to come back (full-jitter backoff from 50ms
-// to 2s, 6 rounds) before it fails. A create whose outcome is unknown is
+// to 2s, for up to 5s) before it fails. A create whose outcome is unknown is
 // not retried, since that could make the key twice: the error (code
 // unavailable) says to look for the key before trying again. Whatever a
 // call returns is final for it. Stats counts retries, throttling,

@@ -171,14 +171,18 @@ func (s *session) Logout(ctx context.Context) error {
 func (s *session) on(ctx context.Context, op string, cands []*member, create bool, fn func(ctx context.Context, ms hsm.FullSession) error) (*member, error) {
 	tried := map[string]bool{}
 	var lastErr error
+	var waiting time.Time
 	for round := 0; ; {
 		m := s.c.pick(cands, tried)
 		if m == nil {
 			// Every HSM that could serve the call is down or answered
 			// unavailable, which means it did nothing: wait for one to come
-			// back, a bounded number of times.
+			// back, for up to waitFor.
 			p := s.c.retry
-			if round+1 < p.waitRounds && ctx.Err() == nil && (lastErr == nil || hsm.CodeOf(lastErr) == hsm.CodeUnavailable) {
+			if waiting.IsZero() {
+				waiting = time.Now()
+			}
+			if time.Since(waiting) < p.waitFor && ctx.Err() == nil && (lastErr == nil || hsm.CodeOf(lastErr) == hsm.CodeUnavailable) {
 				if sleepCtx(ctx, backoff(retryPolicy{base: p.waitBase, cap: p.waitCap}, round)) == nil {
 					round++
 					s.c.stats.retries.Add(1)
