@@ -5,10 +5,11 @@
 // least two HSMs, the journal clean, no session or transport object left,
 // a rotation's output byte for byte that of an uninterrupted run.
 //
-// TestMain builds the binary once (with the race detector when the tests
-// run under it). Kills happen at chosen passes through each point: early,
-// in the middle and late in the job, from a count of the passes an
-// uninterrupted run of the same job makes. No test here waits on the
+// TestMain builds the binary once, without the race detector: the code the
+// killed processes run is race-checked by the in-process tests. Kills
+// happen at chosen passes through each point: early, in the middle and
+// late in the job, from a count of the passes an uninterrupted run of the
+// same job makes. No test here waits on the
 // clock. The randomised SIGKILL-by-timer tests run only under make torture
 // (KEYMIG_TORTURE=1), seeded; KEYMIG_TORTURE_SEED replays a seed's kill
 // times.
