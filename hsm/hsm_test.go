@@ -10,7 +10,7 @@ import (
 
 func TestErrorCodesSurviveJSONAndWrapping(t *testing.T) {
 	for _, sentinel := range []*Error{ErrNotFound, ErrExists, ErrPermission, ErrNotExtractable, ErrUnsupportedMechanism,
-		ErrThrottled, ErrUnavailable, ErrQuorum, ErrInvalidInput, ErrIntegrity, ErrCapacity} {
+		ErrThrottled, ErrUnavailable, ErrQuorum, ErrInvalidInput, ErrIntegrity, ErrCapacity, ErrUnsupported} {
 		e := Errorf(sentinel.Code, "wrap", 42, "something about key %d", 42)
 		b, err := json.Marshal(e)
 		if err != nil {

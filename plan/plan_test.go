@@ -259,3 +259,31 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// TestBuildForCoreOnlyBackends: a target that cannot share keys gets them
+// without their shares, and the item says so; two backends of one lineage
+// that do not both move masked objects are no clone pair, so their keys
+// transfer rather than sync.
+func TestBuildForCoreOnlyBackends(t *testing.T) {
+	src := inv(info("src", "L1"), "alice", hsm.RoleCryptoUser, []string{"alice", "bob"},
+		aes(1, "a", "111", func(k *hsm.KeyInfo) { k.SharedWith = []string{"bob"} }),
+		aes(2, "b", "222", nil))
+	dst := inv(info("dst", "L1"), "alice", hsm.RoleCryptoUser, nil)
+	dst.Can = hsm.Capabilities{} // a PKCS#11 token: no shares, users or masked objects
+	p, err := Build(src, dst, Options{}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, it := range p.Items {
+		if it.Action != Transfer {
+			t.Errorf("key %s: %s (%s), want transfer: a core-only target is not a clone", it.Ref, it.Action, it.Reason)
+		}
+	}
+	a := p.Items[0]
+	if len(a.Shares) != 0 || !strings.Contains(a.NotPreserved, "shares are not carried over") || !strings.Contains(a.NotPreserved, "bob") {
+		t.Errorf("key %s: shares %v, not preserved %q; want no shares and a note naming bob", a.Ref, a.Shares, a.NotPreserved)
+	}
+	if b := p.Items[1]; b.NotPreserved != "" {
+		t.Errorf("key %s without shares: not preserved %q", b.Ref, b.NotPreserved)
+	}
+}

@@ -105,6 +105,9 @@ type planSummary struct {
 	Estimate  string         `json:"estimate"`
 	Blocked   []plan.Item    `json:"blocked"`
 	Rotations []plan.Item    `json:"rotations,omitempty"`
+	// NotPreserved are the keys that move without something the target
+	// cannot keep (their shares).
+	NotPreserved []plan.Item `json:"not-preserved,omitempty"`
 }
 
 // planFlagError names the flag of an option plan could not use.
@@ -182,6 +185,9 @@ func runPlan(ctx context.Context, e *env, o planOptions) error {
 		case plan.Rotate:
 			sum.Rotations = append(sum.Rotations, it)
 		}
+		if it.NotPreserved != "" {
+			sum.NotPreserved = append(sum.NotPreserved, it)
+		}
 	}
 	sum.Estimate = estimate(ctx, p, src.Keys, dst.Keys, pl, o.Workers)
 	if o.Output == outputJSON {
@@ -227,6 +233,12 @@ func printPlanSummary(w io.Writer, s planSummary) error {
 				made = fmt.Sprintf(" (new master %s already made)", it.TargetRef)
 			}
 			fmt.Fprintf(w, "  %s %q: %d data keys, %s → %s%s\n", it.Ref, it.Label, it.Rotation.Records, it.Rotation.In, it.Rotation.Out, made)
+		}
+	}
+	if len(s.NotPreserved) > 0 {
+		fmt.Fprintln(w, "\nnot preserved:")
+		for _, it := range s.NotPreserved {
+			fmt.Fprintf(w, "  %s %q: %s\n", it.Ref, it.Label, it.NotPreserved)
 		}
 	}
 	if len(s.Blocked) > 0 {
