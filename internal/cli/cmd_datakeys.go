@@ -172,10 +172,7 @@ Exit status: 0 every record verified, 1 otherwise.`,
 			outputFlag(),
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
-				return err
-			}
-			out, err := parseOutput(c.String("output"))
+			out, err := commandOutput(c)
 			if err != nil {
 				return err
 			}

@@ -54,10 +54,7 @@ Examples:
 			outputFlag(),
 		},
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
-				return err
-			}
-			out, err := parseOutput(c.String("output"))
+			out, err := commandOutput(c)
 			if err != nil {
 				return err
 			}

@@ -32,10 +32,7 @@ func journalCommand(e *env) *cli.Command {
 	runFlag := &cli.StringFlag{Name: "run", Usage: "the run `ID` (plan digest); default: the newest run"}
 	action := func(fn func(context.Context, *env, journalOptions) error) cli.ActionFunc {
 		return func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
-				return err
-			}
-			out, err := parseOutput(c.String("output"))
+			out, err := commandOutput(c)
 			if err != nil {
 				return err
 			}

@@ -76,10 +76,7 @@ Example:
 			outputFlag(),
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
-				return err
-			}
-			out, err := parseOutput(c.String("output"))
+			out, err := commandOutput(c)
 			if err != nil {
 				return err
 			}

@@ -47,10 +47,7 @@ Exit status: 0 when every planned key is in place, 1 otherwise.`,
 			outputFlag(),
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
-				return err
-			}
-			out, err := parseOutput(c.String("output"))
+			out, err := commandOutput(c)
 			if err != nil {
 				return err
 			}

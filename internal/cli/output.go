@@ -40,6 +40,15 @@ func parseOutput(s string) (outputFormat, error) {
 	return "", fmt.Errorf("--output %q: want text or json", s)
 }
 
+// commandOutput checks that a command got only flags and reads its
+// --output format: the start of every command that reports something.
+func commandOutput(c *cli.Context) (outputFormat, error) {
+	if err := noArgs(c); err != nil {
+		return "", err
+	}
+	return parseOutput(c.String("output"))
+}
+
 // writeJSON prints v as indented JSON followed by a newline.
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
