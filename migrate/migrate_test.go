@@ -58,6 +58,26 @@ func clusterOf(t testing.TB, dir string, members cluster.Opener) (*cluster.Clust
 	return c, s
 }
 
+// planned plans the migration from src to dst and begins its run in a
+// journal at path, closed when the test ends.
+func planned(t *testing.T, src, dst hsm.Session, o plan.Options, path string) (*plan.Plan, *journal.Run) {
+	t.Helper()
+	p, err := plan.Build(inventory(t, "src", src), inventory(t, "dst", dst), o, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(path, journal.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	r, _, _, err := j.Begin(p.Digest, migrate.RunKind, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, r
+}
+
 func inventory(t *testing.T, dir string, s hsm.Session) hsm.Inventory {
 	return benchInventory(t, dir, s)
 }
@@ -89,19 +109,7 @@ func TestMigrateUnderFaults(t *testing.T) {
 		}
 		want[k.ID.String()] = k.KCV.String()
 	}
-	p, err := plan.Build(inventory(t, "src", src), inventory(t, "dst", dst), plan.Options{Transport: "session-kek"}, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	j, err := journal.Open(filepath.Join(dir, "j"), journal.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
-	r, _, _, err := j.Begin(p.Digest, migrate.RunKind, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, r := planned(t, src, dst, plan.Options{Transport: "session-kek"}, filepath.Join(dir, "j"))
 
 	throttle := hsm.Fault{Throttle: 0.2}
 	for _, c := range []*cluster.Cluster{srcC, dstC} {

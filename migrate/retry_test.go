@@ -9,7 +9,6 @@ import (
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
-	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/migrate"
 	"github.com/keymig/keymig/plan"
 	"github.com/keymig/keymig/runner"
@@ -78,19 +77,7 @@ func TestThrottledWrapIsRetriedByOneLayer(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, dst := testCluster(t, filepath.Join(dir, "dst"))
-			p, err := plan.Build(inventory(t, "src", src), inventory(t, "dst", dst), plan.Options{Transport: "rsa-aes", TransportBits: 2048}, time.Now())
-			if err != nil {
-				t.Fatal(err)
-			}
-			j, err := journal.Open(filepath.Join(dir, "j"), journal.Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer j.Close()
-			r, _, _, err := j.Begin(p.Digest, migrate.RunKind, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
+			p, r := planned(t, src, dst, plan.Options{Transport: "rsa-aes", TransportBits: 2048}, filepath.Join(dir, "j"))
 
 			if n := wraps.Load(); n != 0 {
 				t.Fatalf("%d wraps before the migration", n)

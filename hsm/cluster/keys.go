@@ -3,6 +3,7 @@ package cluster
 import (
 	"bytes"
 	"context"
+	"errors"
 	"slices"
 	"sort"
 	"strings"
@@ -70,6 +71,16 @@ func (c *Cluster) coverageOf(ref hsm.KeyRef) hsm.Coverage {
 // returns the answers by HSM id; HSMs that fail are left out, and the first
 // error other than unavailability is returned if no HSM answered.
 func (s *session) perHSM(ctx context.Context, fn func(ctx context.Context, m *member, ms hsm.FullSession) error) (map[string]bool, error) {
+	var w waitForHSM
+	for {
+		ok, err := s.perHSMOnce(ctx, fn)
+		if err == nil || hsm.CodeOf(err) != hsm.CodeUnavailable || !s.c.await(ctx, &w) {
+			return ok, err
+		}
+	}
+}
+
+func (s *session) perHSMOnce(ctx context.Context, fn func(ctx context.Context, m *member, ms hsm.FullSession) error) (map[string]bool, error) {
 	members := s.c.liveMembers()
 	errs := make([]error, len(members))
 	var wg sync.WaitGroup
@@ -123,8 +134,27 @@ func (s *session) ListKeys(ctx context.Context, f hsm.Filter) ([]hsm.KeyInfo, er
 	return s.c.merge(listings, answered), nil
 }
 
-// GetKey returns one key with its coverage, asking every reachable HSM.
+// GetKey returns one key with its coverage, asking every reachable HSM. A
+// key held only by HSMs that do not answer is waited for (see await).
 func (s *session) GetKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, error) {
+	var w waitForHSM
+	for {
+		k, err := s.getKey(ctx, ref)
+		var silent *silentHolders
+		if !errors.As(err, &silent) || !s.c.await(ctx, &w) {
+			return k, err
+		}
+	}
+}
+
+// silentHolders is GetKey's error when only HSMs that do not answer hold
+// the key.
+type silentHolders struct{ err *hsm.Error }
+
+func (e *silentHolders) Error() string { return e.err.Error() }
+func (e *silentHolders) Unwrap() error { return e.err }
+
+func (s *session) getKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, error) {
 	var mu sync.Mutex
 	listings := map[string][]hsm.KeyInfo{}
 	var notFound error
@@ -160,7 +190,7 @@ func (s *session) GetKey(ctx context.Context, ref hsm.KeyRef) (hsm.KeyInfo, erro
 				}
 			}
 			if len(silent) > 0 {
-				return hsm.KeyInfo{}, hsm.Errorf(hsm.CodeUnavailable, "get", ref, "the key is held by HSM %s, which is not answering; try again when it is back", strings.Join(silent, ", "))
+				return hsm.KeyInfo{}, &silentHolders{hsm.Errorf(hsm.CodeUnavailable, "get", ref, "the key is held by HSM %s, which is not answering; try again when it is back", strings.Join(silent, ", "))}
 			}
 		}
 		if notFound == nil {

@@ -246,6 +246,32 @@ func (c *Cluster) call(ctx context.Context, m *member, fn func(ctx context.Conte
 	}
 }
 
+// waitForHSM is the state of one call waiting for an HSM to come back.
+type waitForHSM struct {
+	since time.Time
+	round int
+}
+
+// await sleeps before a call that no HSM could serve (every one down or
+// unavailable, so none did anything) tries again, and reports whether it
+// should: for up to retry.waitFor from the first time it waits, with
+// full-jitter backoff.
+func (c *Cluster) await(ctx context.Context, w *waitForHSM) bool {
+	p := c.retry
+	if w.since.IsZero() {
+		w.since = time.Now()
+	}
+	if time.Since(w.since) >= p.waitFor || ctx.Err() != nil {
+		return false
+	}
+	if sleepCtx(ctx, backoff(retryPolicy{base: p.waitBase, cap: p.waitCap}, w.round)) != nil {
+		return false
+	}
+	w.round++
+	c.stats.retries.Add(1)
+	return true
+}
+
 // callError marks an error after which the HSM may or may not have done
 // the operation (it timed out, or the caller gave up while it ran).
 type callError struct {

@@ -171,24 +171,16 @@ func (s *session) Logout(ctx context.Context) error {
 func (s *session) on(ctx context.Context, op string, cands []*member, create bool, fn func(ctx context.Context, ms hsm.FullSession) error) (*member, error) {
 	tried := map[string]bool{}
 	var lastErr error
-	var waiting time.Time
-	for round := 0; ; {
+	var w waitForHSM
+	for {
 		m := s.c.pick(cands, tried)
 		if m == nil {
 			// Every HSM that could serve the call is down or answered
 			// unavailable, which means it did nothing: wait for one to come
-			// back, for up to waitFor.
-			p := s.c.retry
-			if waiting.IsZero() {
-				waiting = time.Now()
-			}
-			if time.Since(waiting) < p.waitFor && ctx.Err() == nil && (lastErr == nil || hsm.CodeOf(lastErr) == hsm.CodeUnavailable) {
-				if sleepCtx(ctx, backoff(retryPolicy{base: p.waitBase, cap: p.waitCap}, round)) == nil {
-					round++
-					s.c.stats.retries.Add(1)
-					clear(tried)
-					continue
-				}
+			// back.
+			if (lastErr == nil || hsm.CodeOf(lastErr) == hsm.CodeUnavailable) && s.c.await(ctx, &w) {
+				clear(tried)
+				continue
 			}
 			if lastErr != nil {
 				return nil, lastErr
