@@ -20,7 +20,7 @@ import (
 // simulation several times slower).
 func scale() int {
 	if testing.Short() || raceEnabled {
-		return 10_000
+		return 5_000
 	}
 	return 100_000
 }

@@ -38,7 +38,7 @@ var migrateRotationPoints = []failpoint.Point{
 // data key inside (datakeys verify, by KCV in the HSMs); nothing is left
 // half-written; the journal is clean; the old master is unchanged.
 func TestMigrateRotationKilledAtEveryPoint(t *testing.T) {
-	records := 1500 // two batches of the rotation
+	records := 1100 // two batches of the rotation
 	if testing.Short() {
 		records = 1100
 	}
