@@ -200,7 +200,7 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions) error {
 		Workers: o.Workers, MaxKeys: o.MaxKeys, MaxDuration: o.MaxDuration, Progress: progress, Log: e.log,
 	}
 	if p.Counts()[plan.Rotate] > 0 {
-		lanes := &rotationLanes{pair: pr}
+		lanes := &rotationLanes{pair: pr, n: rotationLanesFor(p)}
 		defer lanes.close(ctx)
 		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64, OnError: o.OnError,
 			SkipAdvice: "run migrate with --datakeys-on-error skip to set such records aside"}
@@ -233,22 +233,39 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions) error {
 	return nil
 }
 
-// rotationLanesPerCluster is how many sessions a migration's rotations
-// use on each cluster: enough to spread the work over the HSMs.
-const rotationLanesPerCluster = 8
+// A migration's rotations use up to maxRotationLanes sessions on each
+// cluster, one per recordsPerLane data keys of the largest rotation: each
+// lane spreads the work over the HSMs but costs an RSA key pair on the
+// target to set up, worth it only for enough data keys.
+const (
+	maxRotationLanes = 8
+	recordsPerLane   = 2000
+)
+
+// rotationLanesFor is how many lanes the rotations of p get.
+func rotationLanesFor(p *plan.Plan) int {
+	var most int64
+	for _, it := range p.Items {
+		if it.Action == plan.Rotate && it.Rotation != nil {
+			most = max(most, it.Rotation.Records)
+		}
+	}
+	return int(min(maxRotationLanes, max(1, most/recordsPerLane)))
+}
 
 // rotationLanes opens the sessions of a migration's rotations when the
 // first rotate item needs them, and closes them at the end.
 type rotationLanes struct {
 	pair     *pair
+	n        int // sessions on each cluster
 	src, dst []hsm.Session
 }
 
 func (l *rotationLanes) open(ctx context.Context) (src, dst rotate.Side, err error) {
-	if l.src, err = l.pair.src.moreSessions(ctx, rotationLanesPerCluster); err != nil {
+	if l.src, err = l.pair.src.moreSessions(ctx, l.n); err != nil {
 		return src, dst, err
 	}
-	if l.dst, err = l.pair.dst.moreSessions(ctx, rotationLanesPerCluster); err != nil {
+	if l.dst, err = l.pair.dst.moreSessions(ctx, l.n); err != nil {
 		return src, dst, err
 	}
 	srcLanes, err := rotationLanesOf(l.pair.src.dir, l.src)

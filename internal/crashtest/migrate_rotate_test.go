@@ -102,7 +102,7 @@ func (c *rotationMigration) finish() {
 	}
 	rotated := c.in + ".rotated"
 	v := must(t, 0, "datakeys", "verify", "--source", c.src, "--from-key", "attr.label=tde", "--in", c.in,
-		"--target", c.dst, "--to-key", "attr.label=tde", "--rotated", rotated)
+		"--target", c.dst, "--to-key", "attr.label=tde", "--rotated", rotated, "--sessions", "2")
 	if !strings.Contains(v.out, fmt.Sprintf("verified    %d", c.records)) {
 		t.Errorf("datakeys verify: %s", v)
 	}
