@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"sync"
 	"sync/atomic"
 
 	"github.com/keymig/keymig/hsm"
@@ -39,6 +38,31 @@ type genRecord struct {
 // Generate writes cfg.Count records to w in id order and returns the
 // master they are wrapped under.
 func Generate(ctx context.Context, cfg GenerateConfig, w io.Writer) (hsm.KeyInfo, error) {
+	bw := bufio.NewWriterSize(w, 1<<20)
+	m, err := generate(ctx, &cfg, func(rows []TableRow) error {
+		for _, r := range rows {
+			b, _ := json.Marshal(genRecord{ID: r.Key, Master: r.Master, Alg: r.Alg, Ciphertext: r.Ciphertext})
+			bw.Write(b)
+			if err := bw.WriteByte('\n'); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return m, err
+	}
+	return m, bw.Flush()
+}
+
+// GenerateTable adds cfg.Count rows to a data-key table and returns the
+// master they are wrapped under.
+func GenerateTable(ctx context.Context, cfg GenerateConfig, t TableFiller) (hsm.KeyInfo, error) {
+	return generate(ctx, &cfg, func(rows []TableRow) error { return t.Fill(ctx, rows) })
+}
+
+// generate makes the data keys in chunks and hands each chunk to emit.
+func generate(ctx context.Context, cfg *GenerateConfig, emit func([]TableRow) error) (hsm.KeyInfo, error) {
 	if cfg.Alg == "" {
 		cfg.Alg = AlgKWP
 	}
@@ -63,56 +87,33 @@ func Generate(ctx context.Context, cfg GenerateConfig, w io.Writer) (hsm.KeyInfo
 		return m.KeyInfo, fmt.Errorf("the master %s cannot wrap (wrap=false); its owner can set wrap=true if it is modifiable", m)
 	}
 	master := Master{Label: m.Label, KCV: m.KCV.String()}
-	bw := bufio.NewWriterSize(w, 1<<20)
 	const chunk = 1024
-	cts := make([][]byte, chunk)
+	rows := make([]TableRow, chunk)
 	var laneN atomic.Uint64
 	for first := 0; first < cfg.Count; first += chunk {
 		n := min(chunk, cfg.Count-first)
-		var next atomic.Int64
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		var firstErr error
-		for range min(cfg.Workers, n) {
-			wg.Go(func() {
-				for {
-					i := int(next.Add(1) - 1)
-					if i >= n {
-						return
-					}
-					s := ss[laneN.Add(1)%uint64(len(ss))]
-					ct, err := generateOne(ctx, s, m.Ref, cfg.Bits, mech(cfg.Alg))
-					if err != nil {
-						mu.Lock()
-						if firstErr == nil {
-							firstErr = fmt.Errorf("cluster %s: data key %d: %w", cfg.Cluster.Name, first+i+1, err)
-						}
-						mu.Unlock()
-						return
-					}
-					cts[i] = ct
-				}
-			})
-		}
-		wg.Wait()
-		if firstErr != nil {
-			return m.KeyInfo, firstErr
-		}
-		for i := range n {
-			b, _ := json.Marshal(genRecord{ID: fmt.Sprintf("%s%08d", cfg.IDPrefix, first+i+1), Master: master, Alg: cfg.Alg, Ciphertext: cts[i]})
-			bw.Write(b)
-			if err := bw.WriteByte('\n'); err != nil {
-				return m.KeyInfo, err
+		err := forEach(ctx, n, cfg.Workers, func(i int) error {
+			s := ss[laneN.Add(1)%uint64(len(ss))]
+			ct, err := generateOne(ctx, s, m.Ref, cfg.Bits, mech(cfg.Alg))
+			if err != nil {
+				return fmt.Errorf("cluster %s: data key %d: %w", cfg.Cluster.Name, first+i+1, err)
 			}
-			if cfg.Progress != nil {
+			rows[i] = TableRow{Key: fmt.Sprintf("%s%08d", cfg.IDPrefix, first+i+1), Master: master, Alg: cfg.Alg, Ciphertext: ct}
+			return nil
+		})
+		if err != nil {
+			return m.KeyInfo, err
+		}
+		if err := emit(rows[:n]); err != nil {
+			return m.KeyInfo, err
+		}
+		if cfg.Progress != nil {
+			for range n {
 				cfg.Progress.Finished(true)
 			}
 		}
-		if ctx.Err() != nil {
-			return m.KeyInfo, ctx.Err()
-		}
 	}
-	return m.KeyInfo, bw.Flush()
+	return m.KeyInfo, nil
 }
 
 // generateOne makes one data key inside the HSM and returns it wrapped.

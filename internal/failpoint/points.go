@@ -32,6 +32,10 @@ const (
 
 	// RotateAfterSessionUnwrap is passed when a data key is in a session object, before it is wrapped again.
 	RotateAfterSessionUnwrap Point = "rotate/after-session-unwrap"
+	// RotateBeforeTableSwap is passed when a page of a table is re-encrypted, before it is written back.
+	RotateBeforeTableSwap Point = "rotate/before-table-swap"
+	// RotateAfterTableSwap is passed when a page of a table is written back, before the journal records it.
+	RotateAfterTableSwap Point = "rotate/after-table-swap"
 	// RotateAfterBatchWrite is passed when a batch's output is written to the partial file, before the batch is recorded done.
 	RotateAfterBatchWrite Point = "rotate/after-batch-write"
 	// RotateBeforeFsync is passed when every batch is written, before the partial files are synced.
@@ -75,6 +79,8 @@ var points = []Doc{
 	{Point: NodeAfterCommit},
 	{Point: RotateAfterSessionUnwrap},
 	{Point: RotateAfterBatchWrite},
+	{Point: RotateBeforeTableSwap},
+	{Point: RotateAfterTableSwap},
 	{Point: RotateBeforeFsync},
 	{Point: RotateAfterFsync},
 	{Point: RotateBeforeRename},
