@@ -8,6 +8,9 @@ import (
 	"os"
 	"time"
 
+	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/rotate/pgstore"
+
 	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/rotate"
 	"github.com/keymig/keymig/runner"
@@ -27,6 +30,7 @@ key that stays in the HSM:
 
 // generateOptions are the flags of keymig datakeys generate.
 type generateOptions struct {
+	tableOptions
 	Dir         string
 	PINFile     string
 	Master      []string
@@ -44,32 +48,39 @@ func datakeysGenerateCommand(e *env) *cli.Command {
 	return &cli.Command{
 		Name:      "generate",
 		Usage:     "have the HSM make data keys and write them wrapped under a master key",
-		UsageText: "keymig datakeys generate --cluster DIR --master FILTER --count N [--alg aes-kwp] --out datakeys.jsonl",
+		UsageText: "keymig datakeys generate --cluster DIR --master FILTER --count N [--alg aes-kwp] --out datakeys.jsonl|postgres://USER@HOST/DB [--table SCHEMA.TABLE]",
 		Description: `Each data key (AES-256) is generated inside the HSM as a session object,
 wrapped under the master and deleted; only the ciphertext reaches the file.
 For demos, tests and benchmarks. The PIN comes from KEYMIG_PIN or --pin-file.
 
+With --out postgres://USER@HOST:PORT/DB?sslmode=... and --table, generate
+creates the table in the documented layout (id text primary key,
+master_label, master_kcv, alg text, wrapped_key bytea; the column flags
+rename them) and fills it; a table that exists is refused. The database
+password comes from PGPASSWORD, PGPASSFILE or ~/.pgpass, never the URL.
+
 Example:
   KEYMIG_PIN=alice:pass keymig datakeys generate --cluster ./hsm1 --master attr.label=tde-old --count 1000 --out datakeys.jsonl`,
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "cluster", Aliases: []string{"c"}, Required: true, Usage: "the cluster `DIR`ectory"},
 			&cli.StringSliceFlag{Name: "master", Required: true, Usage: "the master key: CloudHSM CLI `FILTER` conditions, e.g. attr.label=tde-2019"},
 			&cli.IntFlag{Name: "count", Required: true, Usage: "how many data keys to make"},
 			&cli.StringFlag{Name: "alg", Value: rotate.AlgKWP, Usage: "aes-kwp or aes-gcm"},
-			&cli.StringFlag{Name: "out", Required: true, Usage: "the data-key `FILE` to write; must not exist unless --force"},
+			&cli.StringFlag{Name: "out", Required: true, Usage: "the data-key `FILE` to write (must not exist unless --force), or a postgres:// URL with --table"},
 			&cli.BoolFlag{Name: "force", Usage: "replace --out if it exists"},
 			pinFileFlag(),
 			&cli.IntFlag{Name: "sessions", Value: 8, Usage: "sessions (lanes) to spread the work over the HSMs"},
 			&cli.IntFlag{Name: "workers", Value: 64, Usage: "data keys made at once"},
 			&cli.DurationFlag{Name: "lock-timeout", Value: defaultLockTimeout, Usage: "how long to wait for another keymig process using the cluster"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or progress log lines"},
-		},
+		}, tableFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := noArgs(c); err != nil {
 				return err
 			}
 			return runDatakeysGenerate(c.Context, e, generateOptions{
-				Dir: c.String("cluster"), PINFile: c.String("pin-file"), Master: c.StringSlice("master"),
+				tableOptions: tableOptionsFrom(c),
+				Dir:          c.String("cluster"), PINFile: c.String("pin-file"), Master: c.StringSlice("master"),
 				Count: c.Int("count"), Alg: c.String("alg"), Out: c.String("out"), Force: c.Bool("force"),
 				Sessions: c.Int("sessions"), Workers: c.Int("workers"), LockTimeout: c.Duration("lock-timeout"),
 				NoProgress: c.Bool("no-progress"),
@@ -91,7 +102,17 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 	if err != nil {
 		return err
 	}
-	if !o.Force {
+	toTable := pgstore.IsURL(o.Out)
+	var table *pgstore.Store
+	if toTable {
+		if o.Force {
+			return errors.New("--force: generate never replaces a table; drop it or name another --table")
+		}
+		if table, err = openTable(ctx, o.Out, o.tableOptions, true); err != nil {
+			return err
+		}
+		defer table.Close()
+	} else if !o.Force {
 		if _, err := os.Lstat(o.Out); err == nil {
 			return fmt.Errorf("%s already exists: choose another --out or pass --force: %w", o.Out, fs.ErrExist)
 		}
@@ -106,12 +127,6 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 	}
 	defer oc.close(ctx)
 
-	// Written beside --out and moved into place only when complete.
-	tmp, err := atomicfile.New(o.Out, 0o600)
-	if err != nil {
-		return err
-	}
-	defer tmp.Abort()
 	var progress runner.Progress
 	if !o.NoProgress {
 		progress = runner.NewProgress(stderr, isTerminal(stderr), e.log, "data keys", 5*time.Second)
@@ -122,7 +137,25 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 	if progress != nil {
 		cfg.Progress = progress
 	}
-	m, err := rotate.Generate(ctx, cfg, tmp)
+	var m hsm.KeyInfo
+	out := o.Out
+	commit := func() error { return nil }
+	if toTable {
+		out = table.String()
+		m, err = rotate.GenerateTable(ctx, cfg, table)
+	} else {
+		// Written beside --out and moved into place only when complete.
+		tmp, terr := atomicfile.New(o.Out, 0o600)
+		if terr != nil {
+			return terr
+		}
+		defer tmp.Abort()
+		commit = tmp.CommitNew
+		if o.Force {
+			commit = tmp.Commit
+		}
+		m, err = rotate.Generate(ctx, cfg, tmp)
+	}
 	err = masterFlag(err)
 	if progress != nil {
 		progress.Stop()
@@ -133,22 +166,19 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 		}
 		return err
 	}
-	commit := tmp.CommitNew
-	if o.Force {
-		commit = tmp.Commit
-	}
 	if err := commit(); err != nil {
 		return err
 	}
 	el := time.Since(start)
 	fmt.Fprintf(stdout, "%s wrapped under %q (%s, kcv %s) with %s → %s in %s (%.0f/s)\n",
-		plural(o.Count, "data key"), m.Label, m.Ref, m.KCV, alg, o.Out, el.Round(time.Millisecond), float64(o.Count)/el.Seconds())
+		plural(o.Count, "data key"), m.Label, m.Ref, m.KCV, alg, out, el.Round(time.Millisecond), float64(o.Count)/el.Seconds())
 	return nil
 }
 
 // verifyKeysOptions are the flags of keymig datakeys verify.
 type verifyKeysOptions struct {
 	envelopeOptions
+	tableOptions
 	In, Rotated, Rejects string
 	Output               outputFormat
 }
@@ -157,28 +187,33 @@ func datakeysVerifyCommand(e *env) *cli.Command {
 	return &cli.Command{
 		Name:      "verify",
 		Usage:     "check that a rotated file holds the same data keys as its input, inside the HSMs",
-		UsageText: "keymig datakeys verify --source DIR --from-key FILTER --in datakeys.jsonl [--target DIR] --to-key FILTER --rotated rotated.jsonl [--rejects FILE]",
+		UsageText: "keymig datakeys verify --source DIR --from-key FILTER --in datakeys.jsonl [--target DIR] --to-key FILTER --rotated rotated.jsonl [--rejects FILE]\n   keymig datakeys verify --source DIR --from-key FILTER [--target DIR] --to-key FILTER --in postgres://USER@HOST/DB --table SCHEMA.TABLE",
 		Description: `For each record, the input's ciphertext is unwrapped under the old master and
 the rotated one under the new master, each into a session object; the HSMs'
 check values (KCV) are compared and the objects deleted. No data key leaves
 an HSM. Records must be in the same order with the same other fields; input
 lines listed in --rejects are expected to be missing from the rotated file.
 
+With --in postgres://... and --table, every row is unwrapped under the master
+it names (old or new) inside the HSMs; the report counts the rows under each
+and prints a fingerprint of every row's key and data-key KCV, the same before
+and after a rotation that kept every data key.
+
 Exit status: 0 every record verified, 1 otherwise.`,
-		Flags: append(envelopeFlags(),
-			&cli.StringFlag{Name: "in", Required: true, Usage: "the original data-key `FILE`"},
-			&cli.StringFlag{Name: "rotated", Required: true, Usage: "the `FILE` keymig rotate wrote"},
+		Flags: append(append(envelopeFlags(),
+			&cli.StringFlag{Name: "in", Required: true, Usage: "the original data-key `FILE`, or a postgres:// URL with --table"},
+			&cli.StringFlag{Name: "rotated", Usage: "the `FILE` keymig rotate wrote (files only)"},
 			&cli.StringFlag{Name: "rejects", Usage: "the rejects `FILE` of the rotation, if it had one"},
 			outputFlag(),
-		),
+		), tableFlags()...),
 		Action: func(c *cli.Context) error {
 			out, err := commandOutput(c)
 			if err != nil {
 				return err
 			}
 			return runDatakeysVerify(c.Context, e, verifyKeysOptions{
-				envelopeOptions: envelopeOptionsFrom(c),
-				In:              c.String("in"), Rotated: c.String("rotated"), Rejects: c.String("rejects"), Output: out,
+				envelopeOptions: envelopeOptionsFrom(c), tableOptions: tableOptionsFrom(c),
+				In: c.String("in"), Rotated: c.String("rotated"), Rejects: c.String("rejects"), Output: out,
 			})
 		},
 	}
@@ -186,6 +221,12 @@ Exit status: 0 every record verified, 1 otherwise.`,
 
 func runDatakeysVerify(ctx context.Context, e *env, o verifyKeysOptions) error {
 	stdout := e.stdout
+	if pgstore.IsURL(o.In) {
+		return runVerifyTable(ctx, e, o)
+	}
+	if o.Rotated == "" {
+		return errors.New("--rotated FILE is needed: the file keymig rotate wrote from --in")
+	}
 	v, err := openEnvelope(ctx, e, o.envelopeOptions)
 	if err != nil {
 		return err

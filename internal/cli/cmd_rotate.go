@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/keymig/keymig/rotate/pgstore"
+
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/keymig/keymig/journal"
@@ -20,6 +22,7 @@ import (
 // rotateOptions are the flags of keymig rotate.
 type rotateOptions struct {
 	envelopeOptions
+	tableOptions
 	In, Out, Rejects string
 	Journal          string
 	Alg              string
@@ -86,7 +89,7 @@ func rotateCommand(e *env) *cli.Command {
 	return &cli.Command{
 		Name:      "rotate",
 		Usage:     "re-encrypt data keys under a new master key; plaintext never leaves the HSMs",
-		UsageText: "keymig rotate --source DIR --from-key FILTER [--target DIR] --to-key FILTER --in datakeys.jsonl --out rotated.jsonl [--journal FILE] [--workers N] [--batch N] [--on-error stop|skip] [--dry-run]",
+		UsageText: "keymig rotate --source DIR --from-key FILTER [--target DIR] --to-key FILTER --in datakeys.jsonl --out rotated.jsonl [--journal FILE] [--workers N] [--batch N] [--on-error stop|skip] [--dry-run]\n   keymig rotate --source DIR --from-key FILTER [--target DIR] --to-key FILTER --in postgres://USER@HOST/DB --table SCHEMA.TABLE [--filter COLUMN=VALUE] [--journal FILE] [--dry-run]",
 		Description: `rotate reads a data-key file (JSON Lines: {"id", "master": {"label", "kcv"},
 "alg": "aes-kwp"|"aes-gcm", "ciphertext": base64, ...}) and writes each record
 again under the new master, in the same order, with every other field kept
@@ -105,6 +108,20 @@ ciphertext that does not unwrap) is reported with its line number. With
 --on-error stop (the default) the run stops there; with --on-error skip it is
 written to the rejects file (OUT.rejects) with the reason, and the run goes on.
 
+A PostgreSQL table (--in postgres://USER@HOST:PORT/DB?sslmode=... --table T)
+is rotated in place. Rows are read in pages by primary key, re-encrypted inside
+the HSMs and written back one page per statement, each row only where it still
+holds the ciphertext read under the old master: a row rotated by a killed run,
+or changed by the application meanwhile, is never rotated twice or
+overwritten. A final pass takes rows the application wrote under the old
+master during the run. The journal (TABLE.rotate.journal by default) records
+each page; run the same command again to resume. Bad rows (a NULL, an unknown
+alg, another master, a ciphertext that does not unwrap) are named by primary
+key; under --on-error skip their keys and reasons go to --rejects
+(TABLE.rotate.rejects). Columns default to id, master_label, master_kcv, alg
+and wrapped_key (bytea); the column flags rename them. The database password
+comes from PGPASSWORD, PGPASSFILE or ~/.pgpass, and is never shown.
+
 PINs: one cluster reads KEYMIG_PIN (or --pin-file); with --target, KEYMIG_SOURCE_PIN
 and KEYMIG_TARGET_PIN (or --source-pin-file and --target-pin-file).
 
@@ -113,9 +130,9 @@ Exit status: 0 done, 1 error or bad record, 130 interrupted (run again to resume
 Example:
   KEYMIG_PIN=alice:pass keymig rotate --source ./hsm1 --from-key attr.label=tde-old \
     --to-key attr.label=tde-new --in datakeys.jsonl --out rotated.jsonl`,
-		Flags: append(envelopeFlags(),
-			&cli.StringFlag{Name: "in", Required: true, Usage: "the data-key `FILE` to rotate (JSON Lines)"},
-			&cli.StringFlag{Name: "out", Required: true, Usage: "where to write the rotated data keys; must not exist"},
+		Flags: append(append(envelopeFlags(),
+			&cli.StringFlag{Name: "in", Required: true, Usage: "the data-key `FILE` to rotate (JSON Lines), or a postgres:// URL with --table to rotate in place"},
+			&cli.StringFlag{Name: "out", Usage: "where to write the rotated data keys; must not exist (files only)"},
 			&cli.StringFlag{Name: "rejects", Usage: "where --on-error skip writes bad records (default: OUT.rejects)"},
 			&cli.StringFlag{Name: "journal", Usage: "the journal `FILE` (default: OUT.journal)"},
 			&cli.StringFlag{Name: "alg", Usage: "write every record with this alg, aes-kwp or aes-gcm (default: keep each record's)"},
@@ -124,7 +141,7 @@ Example:
 			&cli.BoolFlag{Name: "dry-run", Usage: "check every record and both master keys; change nothing"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or progress log lines"},
 			outputFlag(),
-		),
+		), tableFlags()...),
 		Action: func(c *cli.Context) error {
 			out, err := commandOutput(c)
 			if err != nil {
@@ -135,8 +152,8 @@ Example:
 				return fmt.Errorf("--on-error %w", err)
 			}
 			return runRotate(c.Context, e, rotateOptions{
-				envelopeOptions: envelopeOptionsFrom(c),
-				In:              c.String("in"), Out: c.String("out"), Rejects: c.String("rejects"), Journal: c.String("journal"),
+				envelopeOptions: envelopeOptionsFrom(c), tableOptions: tableOptionsFrom(c),
+				In: c.String("in"), Out: c.String("out"), Rejects: c.String("rejects"), Journal: c.String("journal"),
 				Alg: c.String("alg"), OnError: onErr, Batch: c.Int("batch"), DryRun: c.Bool("dry-run"),
 				NoProgress: c.Bool("no-progress"), Output: out,
 			})
@@ -272,6 +289,12 @@ func runRotate(ctx context.Context, e *env, o rotateOptions) error {
 	alg, err := rotate.ParseAlg(o.Alg)
 	if err != nil {
 		return fmt.Errorf("--%w", err)
+	}
+	if pgstore.IsURL(o.In) {
+		return runRotateTable(ctx, e, o, alg)
+	}
+	if o.Out == "" {
+		return errors.New("--out FILE is needed: where to write the rotated data keys (a postgres:// --in is rotated in place instead)")
 	}
 	if o.Journal == "" {
 		o.Journal = journal.DefaultPath(o.Out)

@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/keymig/keymig/internal/keymigtest"
+	"github.com/keymig/keymig/internal/pgtest"
 
 	"github.com/rogpeppe/go-internal/testscript"
 )
@@ -18,14 +20,17 @@ import (
 // TestMain lets testscript run the real keymig command in-process: a script
 // line "exec keymig ..." calls run exactly as the binary's main would.
 func TestMain(m *testing.M) {
-	testscript.Main(m, map[string]func(){
-		"keymig": func() { os.Exit(Run(os.Args, os.Stdin, os.Stdout, os.Stderr)) },
+	code := testscript.RunMain(m, map[string]func() int{
+		"keymig": func() int { return Run(os.Args, os.Stdin, os.Stdout, os.Stderr) },
 	})
+	pgtest.Stop() // the scripts' PostgreSQL, if one was started
+	os.Exit(code)
 }
 
 // TestScripts runs the end-to-end scripts in testdata/script, each a user's
 // shell session against the real CLI.
 func TestScripts(t *testing.T) {
+	var dbs atomic.Int64
 	testscript.Run(t, testscript.Params{
 		Dir:                 "testdata/script",
 		RequireExplicitExec: true,
@@ -36,6 +41,18 @@ func TestScripts(t *testing.T) {
 			e.Setenv("GORACE", "atexit_sleep_ms=0")
 			// Cheap password hashing: hsm init and restore read it.
 			e.Setenv("KEYMIG_KDF_ITERATIONS", "1000")
+			// A script that needs PostgreSQL says [!postgres] skip and
+			// gets a database of its own in $PGURL.
+			if srv, err := pgtest.Get(); err == nil {
+				url, err := srv.CreateDB(fmt.Sprintf("script%d", dbs.Add(1)))
+				if err != nil {
+					return err
+				}
+				e.Setenv("PGURL", url)
+				e.Setenv("PGPASSWORD", pgtest.Password)
+			} else if !errors.Is(err, pgtest.ErrAbsent) || pgtest.Required() {
+				return fmt.Errorf("PostgreSQL for the scripts: %w", err)
+			}
 			e.Defer(func() {
 				for _, err := range keymigtest.CheckTree(e.WorkDir) {
 					e.T().Log(err)
@@ -43,6 +60,13 @@ func TestScripts(t *testing.T) {
 				}
 			})
 			return nil
+		},
+		Condition: func(cond string) (bool, error) {
+			if cond == "postgres" {
+				_, err := pgtest.Get()
+				return err == nil, nil
+			}
+			return false, fmt.Errorf("unknown condition %q", cond)
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"flip":     cmdFlip,

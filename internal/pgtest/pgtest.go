@@ -49,18 +49,27 @@ var (
 // Call Stop from TestMain.
 func Shared(t testing.TB) *Server {
 	t.Helper()
-	sharedOnce.Do(func() { shared, sharedErr = start() })
-	if errors.Is(sharedErr, errAbsent) {
-		if os.Getenv(RequireEnv) == "1" {
-			t.Fatalf("%v, and %s=1 requires it", sharedErr, RequireEnv)
+	srv, err := Get()
+	if errors.Is(err, ErrAbsent) {
+		if Required() {
+			t.Fatalf("%v, and %s=1 requires it", err, RequireEnv)
 		}
-		t.Skip(sharedErr.Error())
+		t.Skip(err.Error())
 	}
-	if sharedErr != nil {
-		t.Fatal(sharedErr)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return shared
+	return srv
 }
+
+// Get returns the shared server, starting it on first use, or ErrAbsent.
+func Get() (*Server, error) {
+	sharedOnce.Do(func() { shared, sharedErr = start() })
+	return shared, sharedErr
+}
+
+// Required reports whether a missing PostgreSQL is a failure.
+func Required() bool { return os.Getenv(RequireEnv) == "1" }
 
 // Stop stops the shared server if one was started.
 func Stop() {
@@ -69,7 +78,8 @@ func Stop() {
 	}
 }
 
-var errAbsent = errors.New("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+// ErrAbsent says the server binaries are not installed.
+var ErrAbsent = errors.New("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
 
 // binDir finds initdb and pg_ctl.
 func binDir() (string, error) {
@@ -84,7 +94,7 @@ func binDir() (string, error) {
 			return dirs[i], nil
 		}
 	}
-	return "", errAbsent
+	return "", ErrAbsent
 }
 
 func start() (*Server, error) {
@@ -167,13 +177,22 @@ func (s *Server) NewDB(t testing.TB) string {
 	s.n++
 	name := fmt.Sprintf("t%d_%d", os.Getpid(), s.n)
 	s.mu.Unlock()
-	if err := s.Exec(context.Background(), "postgres", "CREATE DATABASE "+name); err != nil {
+	url, err := s.CreateDB(name)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if tt, ok := t.(*testing.T); ok {
 		tt.Setenv("PGPASSWORD", Password)
 	}
-	return s.URL(name)
+	return url
+}
+
+// CreateDB creates the database name (letters, digits, _) and returns its URL.
+func (s *Server) CreateDB(name string) (string, error) {
+	if err := s.Exec(context.Background(), "postgres", "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		return "", err
+	}
+	return s.URL(name), nil
 }
 
 // Exec runs sql in database db.

@@ -1,0 +1,305 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/keymig/keymig/internal/atomicfile"
+	"github.com/keymig/keymig/journal"
+	"github.com/keymig/keymig/rotate"
+	"github.com/keymig/keymig/rotate/pgstore"
+	"github.com/keymig/keymig/runner"
+	"github.com/urfave/cli/v2"
+)
+
+// tableOptions name a PostgreSQL data-key table: the flags rotate and
+// datakeys share when --in or --out is a postgres:// URL.
+type tableOptions struct {
+	Table   string
+	Columns pgstore.Columns
+	Filters []string
+}
+
+func tableFlags() []cli.Flag {
+	d := pgstore.DefaultColumns
+	return []cli.Flag{
+		&cli.StringFlag{Name: "table", Usage: "with a postgres:// URL: the data-key `TABLE` (SCHEMA.TABLE or TABLE)"},
+		&cli.StringFlag{Name: "id-column", Value: d.ID, Usage: "the table's primary key `COLUMN`"},
+		&cli.StringFlag{Name: "master-label-column", Value: d.MasterLabel, Usage: "the `COLUMN` naming the master key's label"},
+		&cli.StringFlag{Name: "master-kcv-column", Value: d.MasterKCV, Usage: "the `COLUMN` holding the master key's check value (hex)"},
+		&cli.StringFlag{Name: "alg-column", Value: d.Alg, Usage: "the `COLUMN` holding the alg, aes-kwp or aes-gcm"},
+		&cli.StringFlag{Name: "wrapped-key-column", Value: d.WrappedKey, Usage: "the bytea `COLUMN` holding the wrapped data key"},
+		&cli.StringSliceFlag{Name: "filter", Usage: "only rows where `COLUMN=VALUE` (compared as text; repeat to AND them)"},
+	}
+}
+
+func tableOptionsFrom(c *cli.Context) tableOptions {
+	return tableOptions{Table: c.String("table"), Filters: c.StringSlice("filter"), Columns: pgstore.Columns{
+		ID: c.String("id-column"), MasterLabel: c.String("master-label-column"), MasterKCV: c.String("master-kcv-column"),
+		Alg: c.String("alg-column"), WrappedKey: c.String("wrapped-key-column"),
+	}}
+}
+
+func (t tableOptions) store() (pgstore.Options, error) {
+	o := pgstore.Options{Table: t.Table, Columns: t.Columns}
+	if t.Table == "" {
+		return o, errors.New("a postgres:// data-key store needs --table SCHEMA.TABLE")
+	}
+	for _, f := range t.Filters {
+		pf, err := pgstore.ParseFilter(f)
+		if err != nil {
+			return o, fmt.Errorf("--filter %w", err)
+		}
+		o.Filters = append(o.Filters, pf)
+	}
+	return o, nil
+}
+
+// openTable opens the table at url; create makes it first.
+func openTable(ctx context.Context, url string, t tableOptions, create bool) (*pgstore.Store, error) {
+	o, err := t.store()
+	if err != nil {
+		return nil, err
+	}
+	if create {
+		if len(o.Filters) > 0 {
+			return nil, errors.New("--filter selects rows to read; generate writes a new table")
+		}
+		return pgstore.Create(ctx, url, o)
+	}
+	return pgstore.Open(ctx, url, o)
+}
+
+// runRotateTable rotates a PostgreSQL table in place.
+func runRotateTable(ctx context.Context, e *env, o rotateOptions, alg string) error {
+	stdout, stderr := e.stdout, e.stderr
+	if o.Out != "" {
+		return fmt.Errorf("--out %s: a postgres:// --in is rotated in place; leave out --out", o.Out)
+	}
+	st, err := openTable(ctx, o.In, o.tableOptions, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if o.Journal == "" {
+		o.Journal = journal.DefaultPath(o.Table + ".rotate")
+	}
+	if o.Rejects == "" {
+		o.Rejects = o.Table + ".rotate.rejects"
+	}
+	if o.DryRun {
+		o.Sessions = 1
+	}
+	v, err := openEnvelope(ctx, e, o.envelopeOptions)
+	if err != nil {
+		return err
+	}
+	defer v.close(ctx)
+	if o.DryRun {
+		return tableDryRun(ctx, stdout, o.Output, v, st)
+	}
+	j, err := journal.Open(o.Journal, journal.Options{Command: "rotate", BatchSize: 16})
+	if err != nil {
+		return err
+	}
+	defer j.Close()
+	if j.TookOver != nil {
+		e.log.Warn("the previous run of this journal died without closing it; resuming", "journal", o.Journal, "was", j.TookOver.String())
+	}
+	cfg := rotate.TableConfig{Source: v.src.side(), Target: v.target(), From: v.from, To: v.to, Table: st,
+		Alg: alg, OnError: o.OnError, Batch: o.Batch, Workers: o.Workers, Log: e.log}
+	if !o.NoProgress {
+		cfg.Progress = runner.NewProgress(stderr, isTerminal(stderr), e.log, "rows", 5*time.Second)
+	}
+	rep, err := rotate.RunTable(ctx, j, cfg)
+	err = masterFlag(err)
+	if rep.Rejected > 0 {
+		if werr := writeRejects(o.Rejects, rep.Rejects); werr != nil && err == nil {
+			err = werr
+		}
+	}
+	if perr := printTableReport(stdout, o.Output, rep, o.Journal, o.Rejects); perr != nil && err == nil {
+		err = perr
+	}
+	var re *rotate.RowError
+	switch {
+	case errors.As(err, &re):
+		return fmt.Errorf("%v; fix the row, or run with --on-error skip to set such rows aside (their keys go to the rejects file) and go on", err)
+	case err != nil && ctx.Err() != nil:
+		return errInterrupted
+	}
+	return err
+}
+
+// writeRejects writes the rows set aside, one JSON object per line.
+func writeRejects(path string, rejects []rotate.TableReject) error {
+	var b []byte
+	for _, r := range rejects {
+		line, _ := json.Marshal(r)
+		b = append(append(b, line...), '\n')
+	}
+	return atomicfile.WriteFile(path, b, 0o600)
+}
+
+func printTableReport(w io.Writer, out outputFormat, rep rotate.TableReport, journalPath, rejects string) error {
+	if rep.Run == "" {
+		return nil
+	}
+	if out == outputJSON {
+		return writeJSON(w, struct {
+			Journal string             `json:"journal"`
+			Report  rotate.TableReport `json:"report"`
+		}{journalPath, rep})
+	}
+	status := "done"
+	if !rep.Finished {
+		status = "not finished"
+	}
+	fmt.Fprintf(w, "status: %s\n", status)
+	t := newTable(w)
+	t.row("table", rep.Table)
+	t.row("from", rep.From)
+	t.row("to", rep.To)
+	t.row("rotated", fmt.Sprintf("%d (in place)", rep.Rotated))
+	t.row("already rotated", fmt.Sprint(rep.Already))
+	rej := fmt.Sprint(rep.Rejected)
+	if rep.Rejected > 0 {
+		rej += " → " + rejects
+	}
+	t.row("rejected", rej)
+	if rep.Vanished > 0 {
+		t.row("deleted meanwhile", fmt.Sprint(rep.Vanished))
+	}
+	t.row("final pass", fmt.Sprintf("%d row(s) written under the old master during the run", rep.FinalPass))
+	if rep.Resumed {
+		t.row("resumed", "yes")
+	}
+	if rep.Elapsed > 0 {
+		t.row("time", fmt.Sprintf("%s (%.0f rows/s)", rep.Elapsed.Round(time.Millisecond), rep.Rate()))
+	}
+	t.row("journal", journalPath)
+	t.flush()
+	return nil
+}
+
+// tableDryRun counts the rows by master and alg and says what a rotation
+// would do with them.
+func tableDryRun(ctx context.Context, w io.Writer, out outputFormat, v *envelope, st *pgstore.Store) error {
+	rc := rotate.Config{Source: v.src.side(), Target: v.target(), From: v.from, To: v.to}
+	from, to, err := rotate.Masters(ctx, &rc)
+	if err != nil {
+		return masterFlag(err)
+	}
+	census, err := st.Census(ctx)
+	if err != nil {
+		return err
+	}
+	var todo, other int64
+	for _, c := range census {
+		switch c.KCV {
+		case from.KCV.String():
+			todo += c.Rows - c.Nulls
+			other += c.Nulls
+		case to.KCV.String():
+		default:
+			other += c.Rows
+		}
+	}
+	if out == outputJSON {
+		if err := writeJSON(w, struct {
+			Table  string             `json:"table"`
+			Census []rotate.CensusRow `json:"census"`
+			ToDo   int64              `json:"to-rotate"`
+			Bad    int64              `json:"bad"`
+		}{st.String(), census, todo, other}); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintln(w, "dry run: nothing is written to either cluster or the table")
+		t := newTable(w)
+		t.row("table", st.String())
+		t.row("from", from.String())
+		t.row("to", to.String())
+		for _, c := range census {
+			role := "another master: rejected"
+			switch c.KCV {
+			case from.KCV.String():
+				role = "old master: to rotate"
+			case to.KCV.String():
+				role = "new master: already rotated"
+			}
+			line := fmt.Sprintf("%d (%s)", c.Rows, role)
+			if c.Nulls > 0 {
+				line += fmt.Sprintf(", %d with a NULL column", c.Nulls)
+			}
+			t.row(fmt.Sprintf("kcv %s %s", orDash(c.KCV), orDash(c.Alg)), line)
+		}
+		t.flush()
+	}
+	if other > 0 {
+		return fmt.Errorf("%s has %d row(s) rotate would reject: fix them, or rotate with --on-error skip to set them aside", st, other)
+	}
+	if todo > 0 {
+		return errChangesPending
+	}
+	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// runVerifyTable checks every row of a PostgreSQL table inside the HSMs.
+func runVerifyTable(ctx context.Context, e *env, o verifyKeysOptions) error {
+	stdout := e.stdout
+	st, err := openTable(ctx, o.In, o.tableOptions, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	v, err := openEnvelope(ctx, e, o.envelopeOptions)
+	if err != nil {
+		return err
+	}
+	defer v.close(ctx)
+	rep, err := rotate.VerifyTable(ctx, rotate.TableVerifyConfig{Source: v.src.side(), Target: v.target(),
+		From: v.from, To: v.to, Table: st, Workers: o.Workers})
+	if err != nil {
+		if ctx.Err() != nil {
+			return errInterrupted
+		}
+		return masterFlag(err)
+	}
+	if o.Output == outputJSON {
+		if err := writeJSON(stdout, rep); err != nil {
+			return err
+		}
+	} else {
+		t := newTable(stdout)
+		t.row("table", rep.Table)
+		t.row("rows", fmt.Sprint(rep.Rows))
+		t.row("under the new master", fmt.Sprintf("%d (unwrapped inside the HSMs)", rep.UnderNew))
+		t.row("under the old master", fmt.Sprint(rep.UnderOld))
+		t.row("bad", fmt.Sprint(rep.Bad))
+		t.row("fingerprint", rep.Fingerprint+" (of every row's key and data-key KCV: compare before and after)")
+		t.row("time", fmt.Sprintf("%s (%.0f rows/s)", rep.Elapsed.Round(time.Millisecond), float64(rep.Rows)/max(rep.Elapsed.Seconds(), 1e-9)))
+		t.flush()
+		for _, p := range rep.Problems {
+			fmt.Fprintf(stdout, "  %s\n", p)
+		}
+	}
+	switch {
+	case rep.Bad > 0:
+		return fmt.Errorf("%s: %d row(s) do not unwrap under the master they name (see above)", rep.Table, rep.Bad)
+	case rep.UnderOld > 0:
+		return fmt.Errorf("%s: %d row(s) are still under the old master: run keymig rotate on the table (again)", rep.Table, rep.UnderOld)
+	}
+	return nil
+}
