@@ -22,6 +22,7 @@ import (
 	"github.com/keymig/keymig/internal/keymigtest"
 	"github.com/keymig/keymig/internal/testcluster"
 	"github.com/keymig/keymig/journal"
+	"github.com/keymig/keymig/internal/pgtest"
 	"github.com/keymig/keymig/plan"
 )
 
@@ -47,6 +48,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	pgtest.Stop()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -78,7 +80,7 @@ func (r result) String() string {
 func keymigEnv(failpoints string) []string {
 	return append(os.Environ(),
 		"KEYMIG_PIN="+testcluster.PIN, "KEYMIG_SOURCE_PIN="+testcluster.PIN, "KEYMIG_TARGET_PIN="+testcluster.PIN,
-		"GORACE=atexit_sleep_ms=0", failpoint.EnvVar+"="+failpoints)
+		"GORACE=atexit_sleep_ms=0", "PGPASSWORD="+pgtest.Password, failpoint.EnvVar+"="+failpoints)
 }
 
 // keymig runs the binary with failpoints (may be empty) and args.

@@ -191,7 +191,7 @@ func TestMigrateStopsCleanlyOnSIGINT(t *testing.T) {
 // process at every failpoint keymig has.
 func TestEveryPointIsKilled(t *testing.T) {
 	covered := map[failpoint.Point]bool{}
-	for _, list := range [][]failpoint.Point{migratePoints, migrateRotationPoints, rotatePoints, synckeyPoints, synckeyPrunePoints, {failpoint.SynckeyBetweenSyncs}} {
+	for _, list := range [][]failpoint.Point{migratePoints, migrateRotationPoints, rotatePoints, tablePoints, synckeyPoints, synckeyPrunePoints, {failpoint.SynckeyBetweenSyncs}} {
 		for _, p := range list {
 			covered[p] = true
 		}
