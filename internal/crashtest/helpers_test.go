@@ -20,9 +20,9 @@ import (
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/internal/keymigtest"
+	"github.com/keymig/keymig/internal/pgtest"
 	"github.com/keymig/keymig/internal/testcluster"
 	"github.com/keymig/keymig/journal"
-	"github.com/keymig/keymig/internal/pgtest"
 	"github.com/keymig/keymig/plan"
 )
 
