@@ -17,6 +17,7 @@ import (
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
+	"github.com/sourcegraph/conc/pool"
 )
 
 // TableRunKind is the journal run kind of an in-place table rotation.
@@ -291,24 +292,48 @@ func (jb *tableJob) run(ctx context.Context, r *journal.Run, rep *TableReport) e
 				after = &k
 			}
 		}
-		b := last + 1
-		for {
+		// Pages in flight: while one is written back, the next is in the
+		// HSMs. Each is recorded as read before its work starts, so a
+		// resume knows every page that may be half done.
+		var (
+			mu     sync.Mutex
+			failed atomic.Bool
+			p      = pool.New().WithErrors().WithFirstError().WithMaxGoroutines(pagesInFlight)
+		)
+		for b := last + 1; !failed.Load(); b++ {
+			if err := ctx.Err(); err != nil {
+				p.Wait()
+				return err
+			}
 			rows, err := cfg.Table.Page(ctx, after, cfg.Batch, "")
+			if err == nil && len(rows) > 0 {
+				err = jb.read(r, b, after, rows)
+			}
 			if err != nil {
+				p.Wait()
 				return err
 			}
 			if len(rows) == 0 {
 				break
 			}
-			if done[b], err = jb.page(ctx, r, b, after, rows, rep); err != nil {
-				return err
-			}
+			pageAfter := after
+			p.Go(func() error {
+				tb, err := jb.write(ctx, r, b, pageAfter, rows)
+				if err != nil {
+					failed.Store(true)
+					return err
+				}
+				mu.Lock()
+				done[b] = tb
+				jb.count(rep, tb)
+				mu.Unlock()
+				return nil
+			})
 			k := rows[len(rows)-1].Key
 			after = &k
-			b++
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
+		}
+		if err := p.Wait(); err != nil {
+			return err
 		}
 		if err := r.Put(journal.Item{Key: mainPassDone, State: runner.StateDone}); err != nil {
 			return err
@@ -386,16 +411,35 @@ func (jb *tableJob) redo(ctx context.Context, after *string) ([]TableRow, error)
 	return jb.cfg.Table.Page(ctx, after, jb.cfg.Batch, "")
 }
 
+// pagesInFlight bounds the pages between read and written back.
+const pagesInFlight = 2
+
 // page records page b as read, rotates it and records what became of it.
 func (jb *tableJob) page(ctx context.Context, r *journal.Run, b int, after *string, rows []TableRow, rep *TableReport) (*tableBatch, error) {
+	if err := jb.read(r, b, after, rows); err != nil {
+		return nil, err
+	}
+	tb, err := jb.write(ctx, r, b, after, rows)
+	if err != nil {
+		return nil, err
+	}
+	jb.count(rep, tb)
+	return tb, nil
+}
+
+// read records page b, read after the cursor after, as in flight.
+func (jb *tableJob) read(r *journal.Run, b int, after *string, rows []TableRow) error {
 	tb := &tableBatch{After: after}
 	if len(rows) > 0 {
 		tb.First, tb.Last = rows[0].Key, rows[len(rows)-1].Key
 	}
 	data, _ := json.Marshal(tb)
-	if err := r.Put(journal.Item{Key: tableItemKey(b), State: "read", Data: data}); err != nil {
-		return nil, err
-	}
+	return r.Put(journal.Item{Key: tableItemKey(b), State: "read", Data: data})
+}
+
+// write rotates page b and records what became of it.
+func (jb *tableJob) write(ctx context.Context, r *journal.Run, b int, after *string, rows []TableRow) (*tableBatch, error) {
+	tb := &tableBatch{After: after}
 	if len(rows) > 0 {
 		var err error
 		if tb, err = jb.batch(ctx, rows); err != nil {
@@ -406,12 +450,11 @@ func (jb *tableJob) page(ctx context.Context, r *journal.Run, b int, after *stri
 	if err := failpoint.Hit(failpoint.RotateAfterTableSwap); err != nil {
 		return nil, err
 	}
-	data, _ = json.Marshal(tb)
+	data, _ := json.Marshal(tb)
 	if err := r.Put(journal.Item{Key: tableItemKey(b), State: runner.StateDone, Data: data,
 		Result: fmt.Sprintf("%d rotated, %d already, %d rejected", tb.Rotated, tb.Already, len(tb.Rejected))}); err != nil {
 		return nil, err
 	}
-	jb.count(rep, tb)
 	return tb, nil
 }
 
@@ -453,7 +496,8 @@ func (jb *tableJob) batch(ctx context.Context, rows []TableRow) (*tableBatch, er
 		}
 	}
 	var next atomic.Uint64
-	err := forEach(ctx, len(work), cfg.Workers, func(i int) error {
+	// cfg.Workers data keys in flight over all the pages in flight.
+	err := forEach(ctx, len(work), max(1, cfg.Workers/pagesInFlight), func(i int) error {
 		w := &work[i]
 		if w.err != nil {
 			return nil

@@ -181,9 +181,7 @@ func (s *Server) NewDB(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tt, ok := t.(*testing.T); ok {
-		tt.Setenv("PGPASSWORD", Password)
-	}
+	t.Setenv("PGPASSWORD", Password)
 	return url
 }
 

@@ -35,7 +35,7 @@ type fixture struct {
 
 // newFixture makes a 2-HSM cluster with an old and a new master, and a
 // data-key table app.data_keys of n rows under the old master.
-func newFixture(t *testing.T, n int) *fixture {
+func newFixture(t testing.TB, n int) *fixture {
 	t.Helper()
 	ctx := context.Background()
 	srv := pgtest.Shared(t)
@@ -79,7 +79,7 @@ func newFixture(t *testing.T, n int) *fixture {
 	return f
 }
 
-func masterKey(t *testing.T, s hsm.Session, label string) hsm.Filter {
+func masterKey(t testing.TB, s hsm.Session, label string) hsm.Filter {
 	t.Helper()
 	k, err := s.GenerateKey(context.Background(), hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{
 		Label: label, Attrs: map[hsm.Attr]bool{hsm.AttrExtractable: false, hsm.AttrWrap: true, hsm.AttrUnwrap: true},
@@ -91,7 +91,7 @@ func masterKey(t *testing.T, s hsm.Session, label string) hsm.Filter {
 }
 
 // exec runs sql in the fixture's database.
-func (f *fixture) exec(t *testing.T, sql string, args ...any) {
+func (f *fixture) exec(t testing.TB, sql string, args ...any) {
 	t.Helper()
 	if err := f.db.Exec(context.Background(), f.dbName, sql, args...); err != nil {
 		t.Fatalf("%s: %v", sql, err)

@@ -2,9 +2,12 @@ package pgstore_test
 
 import (
 	"context"
+	"fmt"
+	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/keymig/keymig/journal"
 
 	"github.com/keymig/keymig/rotate"
 	"github.com/keymig/keymig/rotate/pgstore"
@@ -43,77 +46,90 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
-// TestApplicationKeepsWriting: an application inserts rows under the old
-// master and rewrites existing ones while the rotation runs. No row is
-// lost, rotated twice or overwritten with an older value.
+// TestApplicationKeepsWriting: while the rotation runs, an application
+// inserts rows under the old master behind the rotation's cursor and
+// rewrites rows the rotation has just read (before it writes them back).
+// The writes happen at each page read, so the race is the same every
+// run. No row is lost, rotated twice or overwritten with an older value:
+// every row ends under the new master, the rewritten ones holding the
+// application's data key.
 func TestApplicationKeepsWriting(t *testing.T) {
 	const n = 2000
 	f := newFixture(t, n)
 	ctx := context.Background()
-	// Fresh data keys the "application" writes: made under the old master.
-	extra := f.newTable(t, "app.fresh", 400)
+	fresh := f.newTable(t, "app.fresh", 100) // data keys the application writes
 	conn := f.db.Conn(t, f.dbName)
-	var wg sync.WaitGroup
-	pages := make(chan int, 64)
-	wg.Go(func() {
-		i := 0
-		for range pages {
-			// Each page the rotation reads, the application inserts a
-			// row and replaces one that may not have been rotated yet.
-			for range 4 {
-				if i >= 200 {
-					continue
-				}
-				_, err := conn.Exec(ctx, `INSERT INTO app.data_keys SELECT 'zz-app-'||id, master_label, master_kcv, alg, wrapped_key FROM app.fresh WHERE id = $1`, extra[i])
-				if err != nil {
-					t.Error(err)
-				}
-				_, err = conn.Exec(ctx, `UPDATE app.data_keys d SET wrapped_key = f.wrapped_key FROM app.fresh f
-					WHERE f.id = $1 AND d.id = $2 AND d.master_kcv = f.master_kcv`, extra[200+i], keyOf(n-1-i))
-				if err != nil {
-					t.Error(err)
-				}
-				i++
-			}
+	var inserted, rewritten []string
+	app := func(page []rotate.TableRow) {
+		if len(page) == 0 || len(inserted) >= 50 {
+			return
 		}
-	})
+		i := len(inserted)
+		key := fmt.Sprintf("aa-app-%03d", i) // sorts before every dk- key: behind the cursor
+		if _, err := conn.Exec(ctx, `INSERT INTO app.data_keys SELECT $2, master_label, master_kcv, alg, wrapped_key FROM app.fresh WHERE id = $1`, fresh[i], key); err != nil {
+			t.Fatal(err)
+		}
+		inserted = append(inserted, key)
+		if _, err := conn.Exec(ctx, `UPDATE app.data_keys d SET wrapped_key = f.wrapped_key FROM app.fresh f WHERE f.id = $1 AND d.id = $2`, fresh[50+i], page[0].Key); err != nil {
+			t.Fatal(err)
+		}
+		rewritten = append(rewritten, page[0].Key)
+	}
 	rep, err := f.rotate(t, func(c *rotate.TableConfig) {
 		c.Batch = 100
-		c.Table = pagedTable{Table: f.store, pages: pages}
+		c.Table = appTable{Table: f.store, app: app}
 	})
-	close(pages)
-	wg.Wait()
 	if err != nil {
 		t.Fatal(err)
 	}
+	total := n + len(inserted)
 	after := f.verify(t)
-	if after.Rows != n+200 || after.UnderNew != n+200 || !after.OK() {
+	if after.Rows != int64(total) || after.UnderNew != int64(total) || !after.OK() {
 		t.Fatalf("after: %+v (report %+v)", after, rep)
 	}
-	// The replaced rows hold the application's data key, not the old one.
-	var same int
-	if err := conn.QueryRow(ctx, `SELECT count(*) FROM app.data_keys d JOIN app.fresh f ON d.wrapped_key = f.wrapped_key`).Scan(&same); err != nil {
+	if want := len(inserted) + len(rewritten); rep.FinalPass != int64(want) {
+		t.Fatalf("the final pass took %d rows, want the %d the application wrote behind the cursor or under the rotation", rep.FinalPass, want)
+	}
+	// Each rewritten row holds the application's data key: its row in
+	// app.fresh, rotated the same way, has the same ciphertext (AES-KWP is
+	// deterministic).
+	st, err := pgstore.Open(ctx, f.url, pgstore.Options{Table: "app.fresh"})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if same != 0 {
-		t.Fatalf("%d rows still hold a ciphertext under the old master", same)
+	defer st.Close()
+	j := filepath.Join(t.TempDir(), "fresh.journal")
+	jr, err := journal.Open(j, journal.Options{Command: "test"})
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("report: rotated %d, already %d, final pass %d", rep.Rotated, rep.Already, rep.FinalPass)
-	if rep.FinalPass == 0 {
-		t.Fatal("the final pass found nothing: the writer did not race the rotation")
+	defer jr.Close()
+	if _, err := rotate.RunTable(ctx, jr, rotate.TableConfig{Source: f.side, From: f.from, To: f.to, Table: st}); err != nil {
+		t.Fatal(err)
 	}
+	var stale int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM unnest($1::text[], $2::text[]) AS w(row_id, fresh_id)
+		JOIN app.data_keys d ON d.id = w.row_id JOIN app.fresh f ON f.id = w.fresh_id
+		WHERE d.wrapped_key <> f.wrapped_key`, rewritten, fresh[50:50+len(rewritten)]).Scan(&stale); err != nil {
+		t.Fatal(err)
+	}
+	if stale != 0 {
+		t.Fatalf("%d rewritten rows do not hold the application's data key", stale)
+	}
+	t.Logf("report: rotated %d, final pass %d, %d inserted and %d rewritten by the application", rep.Rotated, rep.FinalPass, len(inserted), len(rewritten))
 }
 
-// pagedTable tells a channel each time a page is read.
-type pagedTable struct {
+// appTable runs the application's writes each time the main pass reads a
+// page, before handing the page to the rotation.
+type appTable struct {
 	rotate.Table
-	pages chan<- int
+	app func([]rotate.TableRow)
 }
 
-func (p pagedTable) Page(ctx context.Context, after *string, n int, kcv string) ([]rotate.TableRow, error) {
-	rows, err := p.Table.Page(ctx, after, n, kcv)
-	if kcv == "" {
-		p.pages <- len(rows)
+func (a appTable) Page(ctx context.Context, after *string, n int, kcv string) ([]rotate.TableRow, error) {
+	rows, err := a.Table.Page(ctx, after, n, kcv)
+	if err == nil && kcv == "" {
+		a.app(rows)
 	}
 	return rows, err
 }
