@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -31,6 +32,10 @@ func TestMain(m *testing.M) {
 // shell session against the real CLI.
 func TestScripts(t *testing.T) {
 	var dbs atomic.Int64
+	examples, err := filepath.Abs(filepath.Join("..", "..", "examples"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	testscript.Run(t, testscript.Params{
 		Dir:                 "testdata/script",
 		RequireExplicitExec: true,
@@ -41,6 +46,7 @@ func TestScripts(t *testing.T) {
 			e.Setenv("GORACE", "atexit_sleep_ms=0")
 			// Cheap password hashing: hsm init and restore read it.
 			e.Setenv("KEYMIG_KDF_ITERATIONS", "1000")
+			e.Setenv("EXAMPLES", examples)
 			// A script that needs PostgreSQL says [!postgres] skip and
 			// gets a database of its own in $PGURL.
 			if srv, err := pgtest.Get(); err == nil {
