@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/keymig/keymig/rotate"
@@ -112,4 +113,43 @@ func TestFilter(t *testing.T) {
 	if v := f.verify(t); v.UnderNew != 10 || v.UnderOld != 20 {
 		t.Fatalf("after: %+v", v)
 	}
+}
+
+// TestLostConnection: the database drops every connection of the store
+// between pages; the statements are retried on new connections and the
+// rotation finishes with every row under the new master.
+func TestLostConnection(t *testing.T) {
+	f := newFixture(t, 500)
+	admin := f.db.Conn(t, f.dbName)
+	var drops atomic.Int64
+	rep, err := f.rotate(t, func(c *rotate.TableConfig) {
+		c.Batch = 50
+		c.Table = swapHook{Table: f.store, before: func() {
+			if drops.Add(1)%3 != 0 {
+				return
+			}
+			var n int
+			if err := admin.QueryRow(context.Background(), `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+				WHERE datname = current_database() AND pid <> pg_backend_pid()`).Scan(&n); err != nil || n == 0 {
+				t.Errorf("terminating the store's connections: %d, %v", n, err)
+			}
+		}}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := f.verify(t); v.UnderNew != 500 || !v.OK() {
+		t.Fatalf("after %d dropped connections: %+v (report %+v)", drops.Load()/3, v, rep)
+	}
+}
+
+// swapHook calls before ahead of every Swap.
+type swapHook struct {
+	rotate.Table
+	before func()
+}
+
+func (h swapHook) Swap(ctx context.Context, from string, to rotate.Master, swaps []rotate.Swap) ([]string, error) {
+	h.before()
+	return h.Table.Swap(ctx, from, to, swaps)
 }
