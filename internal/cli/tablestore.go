@@ -198,6 +198,10 @@ func tableDryRun(ctx context.Context, w io.Writer, out outputFormat, v *envelope
 	if err != nil {
 		return err
 	}
+	rate, err := rotate.EstimateTable(ctx, rotate.TableConfig{Source: v.src.side(), Target: v.target(), From: v.from, To: v.to, Table: st}, 1000)
+	if err != nil {
+		return err
+	}
 	var todo, other int64
 	for _, c := range census {
 		switch c.KCV {
@@ -215,7 +219,8 @@ func tableDryRun(ctx context.Context, w io.Writer, out outputFormat, v *envelope
 			Census []rotate.CensusRow `json:"census"`
 			ToDo   int64              `json:"to-rotate"`
 			Bad    int64              `json:"bad"`
-		}{st.String(), census, todo, other}); err != nil {
+			Rate   float64            `json:"sampled-rows-per-second,omitempty"`
+		}{st.String(), census, todo, other, rate}); err != nil {
 			return err
 		}
 	} else {
@@ -237,6 +242,10 @@ func tableDryRun(ctx context.Context, w io.Writer, out outputFormat, v *envelope
 				line += fmt.Sprintf(", %d with a NULL column", c.Nulls)
 			}
 			t.row(fmt.Sprintf("kcv %s %s", orDash(c.KCV), orDash(c.Alg)), line)
+		}
+		if rate > 0 {
+			eta := time.Duration(float64(todo) / rate * float64(time.Second))
+			t.row("estimate", fmt.Sprintf("%s for %d row(s) (a sample re-encrypted inside the HSMs at %.0f rows/s, one session; more --sessions go faster)", eta.Round(time.Second), todo, rate))
 		}
 		t.flush()
 	}
