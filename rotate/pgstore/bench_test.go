@@ -51,7 +51,7 @@ func BenchmarkRotateTable(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	rep, err := rotate.RunTable(ctx, j, rotate.TableConfig{Source: f.side, From: f.from, To: f.to, Table: f.store, Workers: 64})
+	rep, err := rotate.RunTable(ctx, j, rotate.TableConfig{Source: f.side, From: f.from, To: f.to, Table: f.store, Workers: 64, Batch: benchBatch()})
 	j.Close()
 	if err != nil {
 		b.Fatal(err)
@@ -120,4 +120,10 @@ func (f *fixture) exportJSONL(b *testing.B, path string) {
 	if err := w.Flush(); err != nil {
 		b.Fatal(err)
 	}
+}
+
+// benchBatch is the page size (KEYMIG_BENCH_BATCH overrides the default).
+func benchBatch() int {
+	n, _ := strconv.Atoi(os.Getenv("KEYMIG_BENCH_BATCH"))
+	return n
 }
