@@ -112,6 +112,8 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 			return err
 		}
 		defer table.Close()
+	} else if err := o.notForFiles("--out", o.Out); err != nil {
+		return err
 	} else if !o.Force {
 		if _, err := os.Lstat(o.Out); err == nil {
 			return fmt.Errorf("%s already exists: choose another --out or pass --force: %w", o.Out, fs.ErrExist)
@@ -223,6 +225,9 @@ func runDatakeysVerify(ctx context.Context, e *env, o verifyKeysOptions) error {
 	stdout := e.stdout
 	if pgstore.IsURL(o.In) {
 		return runVerifyTable(ctx, e, o)
+	}
+	if err := o.notForFiles("--in", o.In); err != nil {
+		return err
 	}
 	if o.Rotated == "" {
 		return errors.New("--rotated FILE is needed: the file keymig rotate wrote from --in")

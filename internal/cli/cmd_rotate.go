@@ -293,6 +293,9 @@ func runRotate(ctx context.Context, e *env, o rotateOptions) error {
 	if pgstore.IsURL(o.In) {
 		return runRotateTable(ctx, e, o, alg)
 	}
+	if err := o.notForFiles("--in", o.In); err != nil {
+		return err
+	}
 	if o.Out == "" {
 		return errors.New("--out FILE is needed: where to write the rotated data keys (a postgres:// --in is rotated in place instead)")
 	}

@@ -59,6 +59,14 @@ func (t tableOptions) store() (pgstore.Options, error) {
 	return o, nil
 }
 
+// notForFiles refuses table flags beside a data-key file.
+func (t tableOptions) notForFiles(flag, path string) error {
+	if t.Table != "" || len(t.Filters) > 0 {
+		return fmt.Errorf("--table and --filter are for a postgres:// %s; %s is a file", flag, path)
+	}
+	return nil
+}
+
 // openTable opens the table at url; create makes it first.
 func openTable(ctx context.Context, url string, t tableOptions, create bool) (*pgstore.Store, error) {
 	o, err := t.store()
