@@ -58,16 +58,19 @@ KEYMIG_NEW_PASSWORD or a prompt, never from a flag.`,
 			},
 			{
 				Name:  "list",
-				Usage: "list the users, their roles, lock state and HSM coverage",
-				Description: `Example:
+				Usage: "list the users, their roles, lock state and HSM coverage (no login needed)",
+				Description: `As in CloudHSM, listing users needs no login: no PIN is read. User names
+are not case-sensitive and are shown in lower case.
+
+Example:
   keymig hsm user list --cluster ./hsm1 --output json`,
-				Flags: clusterFlags(true),
+				Flags: clusterFlags(false),
 				Action: func(c *cli.Context) error {
-					o, err := e.userOptionsFrom(c)
+					co, err := e.clusterOptionsFrom(c, false)
 					if err != nil {
 						return err
 					}
-					return runHSMUserList(c.Context, e, o)
+					return runHSMUserList(c.Context, e, hsmUserOptions{clusterOptions: co})
 				},
 			},
 			{
@@ -179,7 +182,7 @@ func runHSMUserDelete(ctx context.Context, e *env, o hsmUserOptions) error {
 		return errors.New("--username is required")
 	}
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		if o.Username == s.User().Name {
+		if strings.EqualFold(o.Username, s.User().Name) {
 			return inCluster(o.Dir, fmt.Errorf("delete user %s: a user cannot delete itself; log in as another crypto officer", o.Username))
 		}
 		users, err := capable[hsm.Users](o.Dir, s, "manage users")
@@ -211,15 +214,11 @@ func runHSMUserChangePassword(ctx context.Context, e *env, o hsmUserOptions) err
 	})
 }
 
-// runHSMUserList prints every user.
+// runHSMUserList prints every user; it needs no login.
 func runHSMUserList(ctx context.Context, e *env, o hsmUserOptions) error {
 	stdout := e.stdout
-	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		u, err := capable[hsm.Users](o.Dir, s, "list users")
-		if err != nil {
-			return err
-		}
-		users, err := u.ListUsers(ctx)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		users, err := cl.Users(ctx)
 		if err != nil {
 			return inCluster(o.Dir, fmt.Errorf("list users: %w", err))
 		}
