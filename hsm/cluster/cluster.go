@@ -46,7 +46,13 @@ type config struct {
 	// unreachable, so that Sync deletes them there instead of copying
 	// them back.
 	Deleted []hsm.KeyRef `json:"deleted-keys,omitempty"`
+	// OneHSMCheckOff says the key availability check is off only because
+	// the cluster had one HSM; AddHSM turns it on at the second HSM.
+	OneHSMCheckOff bool `json:"key-availability-check-off-for-one-hsm,omitempty"`
 }
+
+// oneHSMNote is what Init and Restore say about a cluster of one HSM.
+const oneHSMNote = "key availability check disabled: a cluster of one HSM cannot keep a key on 2 HSMs; it turns on when you add an HSM with `keymig hsm add-hsm`"
 
 // hsmConfig is one HSM in cluster.json.
 type hsmConfig struct {
@@ -228,6 +234,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 			MaxConcurrentOps:     o.MaxConcurrentOps,
 			KDFIterations:        o.KDFIterations,
 		},
+		OneHSMCheckOff: o.HSMs == 1 && !o.DisableKeyAvailabilityCheck,
 	}
 	azs := defaultAZs(cfg.Region, o.AZs)
 	for i := range o.HSMs {
@@ -246,7 +253,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 		return nil, err
 	}
 	if o.HSMs == 1 && !o.DisableKeyAvailabilityCheck {
-		c.notes = append(c.notes, "key availability check disabled: a cluster of one HSM cannot keep a key on 2 HSMs (add HSMs and re-create the cluster to get the quorum)")
+		c.notes = append(c.notes, oneHSMNote)
 	}
 	return c, nil
 }

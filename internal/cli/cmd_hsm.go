@@ -222,7 +222,8 @@ func explainKeyError(op string, k hsm.KeyInfo, user string, err error) error {
 	case hsm.CodeQuorum:
 		msg += "; bring the missing HSMs up (`keymig hsm fault --up`) and run `keymig hsm sync`"
 	case hsm.CodePermission:
-		if k.Owner != "" && user != "" && k.Owner != user {
+		// One action: the HSM's own message may name it already.
+		if k.Owner != "" && user != "" && k.Owner != user && !strings.Contains(msg, "log in as") {
 			msg += fmt.Sprintf("; log in as %s, its owner", k.Owner)
 		}
 	case hsm.CodeThrottled, hsm.CodeUnavailable:
