@@ -49,6 +49,9 @@ type config struct {
 	// OneHSMCheckOff says the key availability check is off only because
 	// the cluster had one HSM; AddHSM turns it on at the second HSM.
 	OneHSMCheckOff bool `json:"key-availability-check-off-for-one-hsm,omitempty"`
+	// Behind holds HSMs that missed a change (a key or user made, a key
+	// deleted) while they were down; Open syncs them once they are back.
+	Behind []string `json:"hsms-behind,omitempty"`
 }
 
 // oneHSMNote is what Init and Restore say about a cluster of one HSM.
@@ -83,6 +86,7 @@ func (cfg *config) clone() config {
 	c.HSMs = append([]hsmConfig(nil), cfg.HSMs...)
 	c.Backups = append([]BackupInfo(nil), cfg.Backups...)
 	c.Deleted = append([]hsm.KeyRef(nil), cfg.Deleted...)
+	c.Behind = append([]string(nil), cfg.Behind...)
 	return c
 }
 
@@ -317,7 +321,8 @@ func openerOrLocal(o Opener) Opener {
 
 // Open opens an existing cluster directory, taking its lock, and applies the
 // faults recorded in it. HSMs recorded as down are skipped until they are
-// brought back.
+// brought back; HSMs that missed changes while down and are now back are
+// synced before Open returns.
 func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error) {
 	if _, err := readConfig(dir); err != nil {
 		return nil, err
@@ -358,6 +363,7 @@ func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error
 			m.forcedDown.Store(f.Down)
 		}
 	}
+	c.syncReturned(ctx)
 	return c, nil
 }
 

@@ -65,7 +65,8 @@ func (s *session) userChange(ctx context.Context, op string, downOK bool, fn fun
 		case err == nil:
 			done = append(done, members[i].id)
 		case hsm.CodeOf(err) == hsm.CodeUnavailable && downOK:
-			// Sync brings the user there.
+			// Sync brings the user there; Open does once it is back.
+			s.c.markBehind(members[i].id)
 		default:
 			missed = append(missed, fmt.Sprintf("%s (%v)", members[i].id, err))
 			if refusal == nil || hsm.CodeOf(refusal) == hsm.CodeUnavailable {
@@ -162,7 +163,12 @@ func (c *Cluster) mergeUsers(byHSM map[string][]hsm.User) []hsm.User {
 		cov := hsm.Coverage{HSMs: holders[name]}
 		sort.Strings(cov.HSMs)
 		for _, m := range c.memberList() {
-			if !slices.Contains(cov.HSMs, m.id) {
+			_, answered := byHSM[m.id]
+			switch {
+			case slices.Contains(cov.HSMs, m.id):
+			case !answered:
+				cov.Unreachable = append(cov.Unreachable, m.id)
+			default:
 				cov.Missing = append(cov.Missing, m.id)
 			}
 		}

@@ -229,7 +229,7 @@ func wrapError(payload, wrapping hsm.KeyInfo, user string, p hsmWrapParams, err 
 	case hsm.CodeUnsupportedMechanism, hsm.CodeInvalidInput:
 		return &explainedError{fmt.Sprintf("wrap %s with %s using %s: %s", pn, wn, p.describe(), hsmMsg(err)), err}
 	case hsm.CodeQuorum:
-		return &explainedError{fmt.Sprintf("wrap %s with %s: %s; bring the missing HSMs up and run `keymig hsm sync`", pn, wn, hsmMsg(err)), err}
+		return &explainedError{fmt.Sprintf("wrap %s with %s: %s; bring the missing HSM back up (`keymig hsm fault --up`): the key reaches it at the next command", pn, wn, hsmMsg(err)), err}
 	}
 	return &explainedError{fmt.Sprintf("wrap %s with %s: %s", pn, wn, hsmMsg(err)), err}
 }
