@@ -217,9 +217,11 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 		return err
 	}
 	if err := pre(); err != nil {
-		return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *hsm.AuditRecord) error { return err })
+		return s.refuse(ctx, op, name, err)
 	}
-	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+	var spent string
+	err = n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+		spent = ""
 		cur, err := getUser(tx, name)
 		if err != nil {
 			return err
@@ -227,8 +229,15 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 		if cur != nil {
 			return hsm.Errorf(hsm.CodeExists, op, 0, "user %s already exists (role %s); choose another name or delete it first", name, cur.Role)
 		}
+		if spent, err = n.spendQuorum(tx, op, s.user); err != nil {
+			return err
+		}
 		return putUser(tx, &u)
 	})
+	if err == nil {
+		s.auditSpend(spent)
+	}
+	return err
 }
 
 func (s *session) DeleteUser(ctx context.Context, name string) error {
@@ -240,7 +249,9 @@ func (s *session) DeleteUser(ctx context.Context, name string) error {
 	}
 	defer release()
 	n := s.n
-	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+	var spent string
+	err = n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+		spent = ""
 		if s.role != hsm.RoleCryptoOfficer {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "only a crypto officer may delete users")
 		}
@@ -257,8 +268,24 @@ func (s *session) DeleteUser(ctx context.Context, name string) error {
 		if owned := ownedKeys(tx, name); owned > 0 {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "user %s owns %d keys, and only their owner can delete them: log in as %s, delete its keys, then delete the user", name, owned, name)
 		}
+		if m := n.quorumM(); m > 1 && cur.Role == hsm.RoleCryptoOfficer && len(cur.QuorumKey) > 0 {
+			left, err := officersWithKeys(tx, name)
+			if err != nil {
+				return err
+			}
+			if left < m {
+				return hsm.Errorf(hsm.CodePermission, op, 0, "deleting crypto officer %s would leave %d officers with quorum keys, fewer than the user-management quorum of %d, and the cluster could no longer be administered: register another officer's quorum key first, or lower the quorum", name, left, m)
+			}
+		}
+		if spent, err = n.spendQuorum(tx, op, s.user); err != nil {
+			return err
+		}
 		return tx.Bucket(bktUsers).Delete([]byte(name))
 	})
+	if err == nil {
+		s.auditSpend(spent)
+	}
+	return err
 }
 
 // ownedKeys counts the token keys a user owns.
@@ -299,9 +326,11 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 		return err
 	}
 	if err := pre(); err != nil {
-		return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *hsm.AuditRecord) error { return err })
+		return s.refuse(ctx, op, name, err)
 	}
-	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+	var spent string
+	err = n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+		spent = ""
 		cur, err := getUser(tx, name)
 		if err != nil {
 			return err
@@ -309,10 +338,19 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 		if cur == nil {
 			return hsm.Errorf(hsm.CodeNotFound, op, 0, "user %s not found; list users to see who exists", name)
 		}
+		if name != s.user { // one's own password needs no quorum
+			if spent, err = n.spendQuorum(tx, op, s.user); err != nil {
+				return err
+			}
+		}
 		nu := *cur
 		nu.Hash, nu.Salt, nu.Iterations, nu.Failures, nu.Locked = u.Hash, u.Salt, u.Iterations, 0, false
 		return putUser(tx, &nu)
 	})
+	if err == nil {
+		s.auditSpend(spent)
+	}
+	return err
 }
 
 func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
