@@ -56,6 +56,7 @@ Example:
 			hsmAddHSMCommand(e),
 			hsmRemoveHSMCommand(e),
 			hsmFaultCommand(e),
+			hsmQuorumCommand(e),
 		},
 	}
 }

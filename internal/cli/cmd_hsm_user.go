@@ -33,6 +33,7 @@ users (create and use keys), as in CloudHSM. The caller logs in with
 KEYMIG_PIN (user:password), --pin-file or a prompt; new passwords come from
 KEYMIG_NEW_PASSWORD or a prompt, never from a flag.`,
 		Subcommands: []*cli.Command{
+			hsmUserRegisterQuorumCommand(e),
 			{
 				Name:  "create",
 				Usage: "create a user on every HSM of the cluster (crypto officers only)",
