@@ -16,6 +16,8 @@
 // KeyDeleter, Masker, Users. Callers find them by type assertion or As,
 // whose error has CodeUnsupported and names the backend; CapabilitiesOf
 // lists them, and TakeInventory records them with a backend's keys.
+// Quorum (M-of-N approval of user management, as CloudHSM's quorum
+// token-sign) is one more optional capability, of the included HSM only.
 // FullSession has them all: what a cluster needs of each member. Every
 // method takes a context first and is safe for concurrent use.
 //

@@ -127,3 +127,17 @@ func QuorumError(op string, key KeyRef) *Error {
 	return &Error{Code: CodeQuorum, Op: op, Key: key,
 		Msg: fmt.Sprintf("Key %s does not meet the availability requirements - The key must be available on at least 2 HSMs before being used.", key)}
 }
+
+// QuorumCreateError is the refusal to create a token key that could not be
+// made available on 2 HSMs (CloudHSM: "any attempt to create or use a
+// token key will fail"); unreachable names the HSMs that are down. Nothing
+// is left behind, so the create may simply be tried again later.
+func QuorumCreateError(op string, key KeyRef, unreachable []string) *Error {
+	msg := "Key creation refused: the key would not meet the availability requirements - The key must be available on at least 2 HSMs before being used."
+	if len(unreachable) > 0 {
+		msg += fmt.Sprintf(" HSM %s is unreachable, so no second HSM can hold it; nothing was created", strings.Join(unreachable, ", "))
+	} else {
+		msg += " It reached one HSM only; nothing was created"
+	}
+	return &Error{Code: CodeQuorum, Op: op, Key: key, Msg: msg}
+}

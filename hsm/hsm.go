@@ -244,4 +244,7 @@ type Policy struct {
 	// KDFIterations is the PBKDF2-SHA256 cost of password hashes set from
 	// now on; 0 means the HSM's default.
 	KDFIterations int `json:"kdf-iterations,omitempty"`
+	// QuorumUserManagement is M of the user-management quorum policy;
+	// 0 or 1 means no quorum token is needed.
+	QuorumUserManagement int `json:"quorum-user-management,omitempty"`
 }

@@ -102,18 +102,21 @@ type KeyInfo struct {
 // copies agree.
 type Coverage struct {
 	HSMs         []string `json:"hsms"`                   // HSMs that hold the key
-	Missing      []string `json:"missing,omitempty"`      // live or known HSMs that lack it
+	Missing      []string `json:"missing,omitempty"`      // HSMs that answered and lack it
+	Unreachable  []string `json:"unreachable,omitempty"`  // HSMs that are down: whether they hold it is not known
 	Inconsistent []string `json:"inconsistent,omitempty"` // attributes or shares that differ between HSMs
 }
 
 // Full reports whether every HSM holds the key and all copies agree.
-func (c Coverage) Full() bool { return len(c.Missing) == 0 && len(c.Inconsistent) == 0 }
+func (c Coverage) Full() bool {
+	return len(c.Missing) == 0 && len(c.Unreachable) == 0 && len(c.Inconsistent) == 0
+}
 
 // Count is how many HSMs hold the key.
 func (c Coverage) Count() int { return len(c.HSMs) }
 
-// String is "full", or the HSMs that lack the key and the attributes that
-// differ.
+// String is "full", or the HSMs that lack the key, those that are down, and
+// the attributes that differ.
 func (c Coverage) String() string {
 	if c.Full() {
 		return "full"
@@ -121,6 +124,9 @@ func (c Coverage) String() string {
 	var parts []string
 	if len(c.Missing) > 0 {
 		parts = append(parts, "missing on "+strings.Join(c.Missing, ","))
+	}
+	if len(c.Unreachable) > 0 {
+		parts = append(parts, "unreachable "+strings.Join(c.Unreachable, ","))
 	}
 	if len(c.Inconsistent) > 0 {
 		parts = append(parts, "inconsistent "+strings.Join(c.Inconsistent, ","))

@@ -79,9 +79,10 @@ type AuditRecord struct {
 type UserRecord struct {
 	Name       string `json:"name"`
 	Role       Role   `json:"role"`
-	Hash       []byte `json:"hash"`       // PBKDF2-SHA256(password, Salt, Iterations), 32 bytes
-	Salt       []byte `json:"salt"`       // 16 random bytes
-	Iterations int    `json:"iterations"` // PBKDF2 iterations of Hash
-	Failures   int    `json:"failures"`   // consecutive failed logins
-	Locked     bool   `json:"locked"`     // set after too many failures; a password change clears it
+	Hash       []byte `json:"hash"`                 // PBKDF2-SHA256(password, Salt, Iterations), 32 bytes
+	Salt       []byte `json:"salt"`                 // 16 random bytes
+	Iterations int    `json:"iterations"`           // PBKDF2 iterations of Hash
+	Failures   int    `json:"failures"`             // consecutive failed logins
+	Locked     bool   `json:"locked"`               // set after too many failures; a password change clears it
+	QuorumKey  []byte `json:"quorum-key,omitempty"` // registered quorum public key, DER SubjectPublicKeyInfo
 }

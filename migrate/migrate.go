@@ -297,7 +297,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		}
 		k, err := dst.InsertMasked(ctx, blob)
 		if err != nil {
-			return k, fmt.Errorf("key %s (label %q): masked insert into the target: %w", pi.Ref, pi.Label, err)
+			return k, laterIfQuorum(fmt.Errorf("key %s (label %q): masked insert into the target: %w", pi.Ref, pi.Label, err))
 		}
 		return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 	case plan.MethodPublic:
@@ -310,7 +310,7 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		}
 		k, err := m.dst.ImportPublicKey(ctx, pem, tmpl)
 		if err != nil {
-			return k, fmt.Errorf("key %s (label %q): importing the public key into the target: %w", pi.Ref, pi.Label, err)
+			return k, laterIfQuorum(fmt.Errorf("key %s (label %q): importing the public key into the target: %w", pi.Ref, pi.Label, err))
 		}
 		return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
 	}
@@ -336,9 +336,20 @@ func (m *Migration) move(ctx context.Context, pi plan.Item, it journal.Item, com
 		return k, runner.Later(fmt.Errorf("key %s (label %q): the target already holds a key with its id, probably from an earlier attempt; looking for it again (%w)", pi.Ref, pi.Label, err))
 	}
 	if err != nil {
-		return k, fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err)
+		return k, laterIfQuorum(fmt.Errorf("key %s (label %q): unwrap on the target: %w", pi.Ref, pi.Label, err))
 	}
 	return k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
+}
+
+// laterIfQuorum marks a refusal by the target's key availability quorum
+// as a condition time cures: the target makes no key it cannot put on 2
+// HSMs and leaves nothing behind, so the step is simply tried again once
+// the missing HSM is back.
+func laterIfQuorum(err error) error {
+	if hsm.CodeOf(err) == hsm.CodeQuorum {
+		return runner.Later(err)
+	}
+	return err
 }
 
 // share shares the target key made for pi with the users the plan lists.

@@ -154,7 +154,7 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 		return nil, runner.Later(fmt.Errorf("key %s (label %q): the target already holds a key with its id, probably the new master from an earlier attempt; looking for it again (%w)", pi.Ref, pi.Label, err))
 	}
 	if err != nil {
-		return nil, fmt.Errorf("key %s (label %q): making the new master on the target: %w", pi.Ref, pi.Label, err)
+		return nil, laterIfQuorum(fmt.Errorf("key %s (label %q): making the new master on the target: %w", pi.Ref, pi.Label, err))
 	}
 	m.log.Info("made the new master on the target", "key", pi.Ref, "label", pi.Label, "new-master", k.Ref, "kcv", k.KCV.String())
 	return &k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)

@@ -362,6 +362,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Cluster, error) {
 		Policy:  h.Policy,
 	}
 	cfg.Policy.KeyAvailabilityCheck = !o.DisableKeyAvailabilityCheck && o.HSMs > 1
+	cfg.OneHSMCheckOff = o.HSMs == 1 && !o.DisableKeyAvailabilityCheck
 	if o.KDFIterations != 0 {
 		if o.KDFIterations < 0 {
 			return nil, hsm.Errorf(hsm.CodeInvalidInput, "restore", 0, "%d password hashing iterations: want a positive number, or 0 for the backup's", o.KDFIterations)
@@ -380,7 +381,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Cluster, error) {
 	}
 	c.notes = append(c.notes, fmt.Sprintf("clone of cluster %s (%s) from backup %s of %s", h.ClusterID, h.Region, h.ID, h.Created.Format(time.RFC3339)))
 	if o.HSMs == 1 && !o.DisableKeyAvailabilityCheck {
-		c.notes = append(c.notes, "key availability check disabled: a cluster of one HSM cannot keep a key on 2 HSMs")
+		c.notes = append(c.notes, oneHSMNote)
 	}
 	// The key map starts from what the restored HSMs hold.
 	for id, keys := range c.listAll(ctx) {

@@ -46,7 +46,16 @@ type config struct {
 	// unreachable, so that Sync deletes them there instead of copying
 	// them back.
 	Deleted []hsm.KeyRef `json:"deleted-keys,omitempty"`
+	// OneHSMCheckOff says the key availability check is off only because
+	// the cluster had one HSM; AddHSM turns it on at the second HSM.
+	OneHSMCheckOff bool `json:"key-availability-check-off-for-one-hsm,omitempty"`
+	// Behind holds HSMs that missed a change (a key or user made, a key
+	// deleted) while they were down; Open syncs them once they are back.
+	Behind []string `json:"hsms-behind,omitempty"`
 }
+
+// oneHSMNote is what Init and Restore say about a cluster of one HSM.
+const oneHSMNote = "key availability check disabled: a cluster of one HSM cannot keep a key on 2 HSMs; it turns on when you add an HSM with `keymig hsm add-hsm`"
 
 // hsmConfig is one HSM in cluster.json.
 type hsmConfig struct {
@@ -77,6 +86,7 @@ func (cfg *config) clone() config {
 	c.HSMs = append([]hsmConfig(nil), cfg.HSMs...)
 	c.Backups = append([]BackupInfo(nil), cfg.Backups...)
 	c.Deleted = append([]hsm.KeyRef(nil), cfg.Deleted...)
+	c.Behind = append([]string(nil), cfg.Behind...)
 	return c
 }
 
@@ -228,6 +238,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 			MaxConcurrentOps:     o.MaxConcurrentOps,
 			KDFIterations:        o.KDFIterations,
 		},
+		OneHSMCheckOff: o.HSMs == 1 && !o.DisableKeyAvailabilityCheck,
 	}
 	azs := defaultAZs(cfg.Region, o.AZs)
 	for i := range o.HSMs {
@@ -246,7 +257,7 @@ func Init(ctx context.Context, o InitOptions) (c *Cluster, err error) {
 		return nil, err
 	}
 	if o.HSMs == 1 && !o.DisableKeyAvailabilityCheck {
-		c.notes = append(c.notes, "key availability check disabled: a cluster of one HSM cannot keep a key on 2 HSMs (add HSMs and re-create the cluster to get the quorum)")
+		c.notes = append(c.notes, oneHSMNote)
 	}
 	return c, nil
 }
@@ -310,7 +321,8 @@ func openerOrLocal(o Opener) Opener {
 
 // Open opens an existing cluster directory, taking its lock, and applies the
 // faults recorded in it. HSMs recorded as down are skipped until they are
-// brought back.
+// brought back; HSMs that missed changes while down and are now back are
+// synced before Open returns.
 func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error) {
 	if _, err := readConfig(dir); err != nil {
 		return nil, err
@@ -351,6 +363,7 @@ func Open(ctx context.Context, dir string, o OpenOptions) (c *Cluster, err error
 			m.forcedDown.Store(f.Down)
 		}
 	}
+	c.syncReturned(ctx)
 	return c, nil
 }
 

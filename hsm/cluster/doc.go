@@ -34,10 +34,14 @@
 // kept up to date as it creates, copies and deletes keys.
 //
 // With the key availability check on (the default for two HSMs or more), a
-// token key may be used only once it exists on at least 2 HSMs; otherwise
-// the call fails with hsm.QuorumError, CloudHSM's message. Before refusing,
-// the client asks the HSMs again, since another process may have copied the
-// key. Sync is the server-side anti-entropy pass: it copies keys and users
+// token key may be created and used only once it exists on at least 2
+// HSMs; otherwise the call fails with hsm.QuorumError (use) or
+// hsm.QuorumCreateError (create, which then leaves nothing behind). Before
+// refusing a use, the client asks the HSMs again, since another process may
+// have copied the key, and copies a key held by one HSM to a reachable HSM
+// that lacks it. HSMs that miss a change while down are recorded in
+// cluster.json as behind; Open syncs them once they are back. Coverage
+// calls an HSM that is down "unreachable", not "missing". Sync is the server-side anti-entropy pass: it copies keys and users
 // missing on an HSM from the others, e.g. after the HSM was down.
 // ListKeys merges the HSMs' listings and reports each key's coverage: the
 // HSMs that hold it, those that lack it, and the attributes or shares that
@@ -67,6 +71,15 @@
 // half-applied silently. A user created while an HSM is down reaches it at
 // the next Sync. A key deleted while an HSM is down is remembered in
 // cluster.json, so that Sync deletes it there rather than copying it back.
+//
+// # Quorum authentication
+//
+// Each HSM enforces the user-management quorum itself and spends its own
+// copy of a token: GenerateQuorumToken makes the token on one HSM and copies
+// it to the others (PeerPutQuorumToken); registrations, the policy and
+// approvals go to every HSM like other user changes. Quorum keys travel in
+// the user records and the policy in the HSMs' options and cluster.json, so
+// backups, restores and AddHSM keep both.
 //
 // # Concurrency
 //

@@ -18,14 +18,21 @@ import (
 // key from being used until it is on 2 HSMs.
 func (c *Cluster) replicate(ctx context.Context, src *member, refs []hsm.KeyRef) {
 	var others []*member
+	var skipped []string
 	for _, m := range c.memberList() {
-		if m != src && c.isLive(m) {
+		switch {
+		case m == src:
+		case c.isLive(m):
 			others = append(others, m)
+		default:
+			skipped = append(skipped, m.id)
 		}
 	}
+	defer func() { c.markBehind(skipped...) }()
 	if len(others) == 0 {
 		return
 	}
+	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, ref := range refs {
 		var blob []byte
@@ -35,6 +42,9 @@ func (c *Cluster) replicate(ctx context.Context, src *member, refs []hsm.KeyRef)
 		})
 		if err != nil {
 			c.stats.cloneFailures.Add(int64(len(others)))
+			for _, m := range others {
+				skipped = append(skipped, m.id)
+			}
 			continue
 		}
 		for _, m := range others {
@@ -45,6 +55,9 @@ func (c *Cluster) replicate(ctx context.Context, src *member, refs []hsm.KeyRef)
 				})
 				if err != nil {
 					c.stats.cloneFailures.Add(1)
+					mu.Lock()
+					skipped = append(skipped, m.id)
+					mu.Unlock()
 					return
 				}
 				c.stats.clones.Add(1)
@@ -60,7 +73,11 @@ func (c *Cluster) coverageOf(ref hsm.KeyRef) hsm.Coverage {
 	holders, _ := c.keys.get(ref)
 	cov := hsm.Coverage{HSMs: slices.Clone(holders)}
 	for _, m := range c.memberList() {
-		if !slices.Contains(holders, m.id) {
+		switch {
+		case slices.Contains(holders, m.id):
+		case !c.isLive(m):
+			cov.Unreachable = append(cov.Unreachable, m.id)
+		default:
 			cov.Missing = append(cov.Missing, m.id)
 		}
 	}
@@ -273,6 +290,8 @@ func (c *Cluster) merge(listings map[string][]hsm.KeyInfo, answered map[string]b
 				case !answered[m.id] && slices.Contains(known, m.id):
 					// Unreachable now; the key map says it holds the key.
 					cov.HSMs = append(cov.HSMs, m.id)
+				case !answered[m.id]:
+					cov.Unreachable = append(cov.Unreachable, m.id)
 				default:
 					cov.Missing = append(cov.Missing, m.id)
 				}

@@ -39,6 +39,8 @@ type Member interface {
 	PeerUsers(ctx context.Context) ([]hsm.UserRecord, error)
 	// PeerPutUser stores a user record as is.
 	PeerPutUser(ctx context.Context, u hsm.UserRecord) error
+	// PeerPutQuorumToken stores a quorum token another HSM generated.
+	PeerPutQuorumToken(ctx context.Context, t hsm.QuorumToken) error
 	// Snapshot returns users, token keys (masked) and policy as JSON.
 	Snapshot(ctx context.Context) ([]byte, error)
 	// RestoreSnapshot replaces the HSM's users, keys and policy with a snapshot.

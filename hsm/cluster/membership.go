@@ -11,7 +11,9 @@ import (
 
 // AddHSM adds an HSM in availability zone az (default: the zone with the
 // fewest HSMs of the cluster's zones). It takes a backup first, fills the
-// new HSM from it, then syncs, as CloudHSM does.
+// new HSM from it, then syncs, as CloudHSM does. A cluster whose key
+// availability check was off only because it had one HSM gets the check
+// at its second HSM.
 func (c *Cluster) AddHSM(ctx context.Context, az string) (hsm.HSMInfo, error) {
 	c.adminMu.Lock()
 	defer c.adminMu.Unlock()
@@ -47,6 +49,10 @@ func (c *Cluster) AddHSM(ctx context.Context, az string) (hsm.HSMInfo, error) {
 	c.mu.Lock()
 	c.members = append(c.members, &member{id: h.ID, az: h.AZ, m: m})
 	c.cfg.HSMs = append(c.cfg.HSMs, h)
+	if c.cfg.OneHSMCheckOff && len(c.cfg.HSMs) > 1 {
+		c.cfg.OneHSMCheckOff = false
+		c.cfg.Policy.KeyAvailabilityCheck = true
+	}
 	c.mu.Unlock()
 	if err := c.saveConfig(); err != nil {
 		return hsm.HSMInfo{}, err

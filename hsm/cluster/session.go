@@ -243,6 +243,9 @@ func (s *session) targets(ctx context.Context, op string, quorum bool, refs ...h
 				// Let an HSM give its own answer (not found, or no permission).
 				return s.c.liveMembers(), nil
 			}
+			if check && len(h) < 2 && s.c.spread(ctx, ref) >= 2 {
+				h, _ = s.c.keys.get(ref) // copied to an HSM that is back
+			}
 			if check && len(h) < 2 {
 				s.c.stats.quorum.Add(1)
 				return nil, hsm.QuorumError(op, ref)
@@ -301,6 +304,9 @@ func (s *session) recheck(ctx context.Context, ref hsm.KeyRef) []string {
 // call may make, counted against the cluster's capacity.
 func (s *session) create(ctx context.Context, op string, cands []*member, tokenKeys int, fn func(ctx context.Context, ms hsm.FullSession) ([]hsm.KeyInfo, error)) ([]hsm.KeyInfo, error) {
 	if tokenKeys > 0 {
+		if err := s.c.checkCreate(op); err != nil {
+			return nil, err
+		}
 		p := s.c.policy()
 		if !s.c.keys.reserve(tokenKeys, p.KeyCapacity) {
 			return nil, hsm.Errorf(hsm.CodeCapacity, op, 0, "cluster %s holds %d token keys, its capacity is %d: delete keys or raise the cluster's key capacity", s.c.clusterID(), s.c.keys.count(), p.KeyCapacity)
@@ -342,6 +348,9 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		}
 		s.c.replicate(ctx, m, tokens)
 		if err := failpoint.Hit(failpoint.ClusterAfterCopy); err != nil {
+			return nil, err
+		}
+		if err := s.c.settleCreate(ctx, op, tokens); err != nil {
 			return nil, err
 		}
 		for i := range infos {
@@ -647,10 +656,15 @@ func (s *session) DeleteKey(ctx context.Context, key hsm.KeyRef) error {
 	}
 	wg.Wait()
 	all := len(rest)+1 == len(s.c.memberList())
-	for _, ok := range reached {
+	have := []string{first.id}
+	for i, ok := range reached {
 		all = all && ok
+		if ok {
+			have = append(have, rest[i].id)
+		}
 	}
 	if !all {
+		s.c.markBehind(s.c.missedBy(have)...)
 		if err := s.c.updateConfig(func(cfg *config) {
 			if !slices.Contains(cfg.Deleted, key) {
 				cfg.Deleted = append(cfg.Deleted, key)

@@ -132,6 +132,7 @@ func (c *Cluster) sync(ctx context.Context) (SyncReport, error) {
 	}
 
 	var mu sync.Mutex
+	failed := map[string]bool{} // live HSMs that did not get everything
 	sem := make(chan struct{}, syncConcurrency)
 	for _, j := range jobs {
 		sem <- struct{}{}
@@ -151,6 +152,7 @@ func (c *Cluster) sync(ctx context.Context) (SyncReport, error) {
 			switch {
 			case err != nil:
 				rep.Problems = append(rep.Problems, fmt.Sprintf("key %s on HSM %s: %v", j.ref, j.dst.id, err))
+				failed[j.dst.id] = true
 			case j.del:
 				rep.KeysDeleted++
 				c.keys.removeFrom(j.ref, j.dst.id)
@@ -185,9 +187,28 @@ func (c *Cluster) sync(ctx context.Context) (SyncReport, error) {
 			err := c.call(ctx, m, func(ctx context.Context) error { return m.m.PeerPutUser(ctx, names[name]) })
 			if err != nil {
 				rep.Problems = append(rep.Problems, fmt.Sprintf("user %s on HSM %s: %v", name, m.id, err))
+				failed[m.id] = true
 				continue
 			}
 			rep.UsersCopied++
+		}
+	}
+
+	// HSMs that got everything are no longer behind.
+	c.mu.RLock()
+	behind := slices.Clone(c.cfg.Behind)
+	c.mu.RUnlock()
+	var caughtUp []string
+	for _, i := range live {
+		if id := members[i].id; slices.Contains(behind, id) && !failed[id] {
+			caughtUp = append(caughtUp, id)
+		}
+	}
+	if len(caughtUp) > 0 {
+		if err := c.updateConfig(func(cfg *config) {
+			cfg.Behind = slices.DeleteFunc(cfg.Behind, func(id string) bool { return slices.Contains(caughtUp, id) })
+		}); err != nil {
+			rep.Problems = append(rep.Problems, err.Error())
 		}
 	}
 

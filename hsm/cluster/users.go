@@ -65,7 +65,8 @@ func (s *session) userChange(ctx context.Context, op string, downOK bool, fn fun
 		case err == nil:
 			done = append(done, members[i].id)
 		case hsm.CodeOf(err) == hsm.CodeUnavailable && downOK:
-			// Sync brings the user there.
+			// Sync brings the user there; Open does once it is back.
+			s.c.markBehind(members[i].id)
 		default:
 			missed = append(missed, fmt.Sprintf("%s (%v)", members[i].id, err))
 			if refusal == nil || hsm.CodeOf(refusal) == hsm.CodeUnavailable {
@@ -93,32 +94,81 @@ func (s *session) userChange(ctx context.Context, op string, downOK bool, fn fun
 // know each user as its coverage.
 func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
 	var mu sync.Mutex
-	byName := map[string]hsm.User{}
-	holders := map[string][]string{}
+	byHSM := map[string][]hsm.User{}
 	_, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.FullSession) error {
 		users, err := ms.ListUsers(ctx)
 		if err != nil {
 			return err
 		}
 		mu.Lock()
-		defer mu.Unlock()
-		for _, u := range users {
-			if prev, ok := byName[u.Name]; !ok || (u.Locked && !prev.Locked) {
-				byName[u.Name] = u
-			}
-			holders[u.Name] = append(holders[u.Name], m.id)
-		}
+		byHSM[m.id] = users
+		mu.Unlock()
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
+	return s.c.mergeUsers(byHSM), nil
+}
+
+// Users lists the users of every reachable HSM, as ListUsers does, without
+// a login: CloudHSM's user list needs none. It shows names, roles and lock
+// state, never a password hash.
+func (c *Cluster) Users(ctx context.Context) ([]hsm.User, error) {
+	members := c.liveMembers()
+	var mu sync.Mutex
+	byHSM := map[string][]hsm.User{}
+	var wg sync.WaitGroup
+	for _, m := range members {
+		wg.Go(func() {
+			var recs []hsm.UserRecord
+			if err := c.call(ctx, m, func(ctx context.Context) (err error) {
+				recs, err = m.m.PeerUsers(ctx)
+				return err
+			}); err != nil {
+				return
+			}
+			users := make([]hsm.User, len(recs))
+			for i, u := range recs {
+				users[i] = hsm.User{Name: strings.ToLower(u.Name), Role: u.Role, Locked: u.Locked}
+			}
+			mu.Lock()
+			byHSM[m.id] = users
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if len(byHSM) == 0 {
+		return nil, hsm.Errorf(hsm.CodeUnavailable, "user-list", 0, "cluster %s has no reachable HSM; see keymig hsm status", c.clusterID())
+	}
+	return c.mergeUsers(byHSM), nil
+}
+
+// mergeUsers combines per-HSM user lists into one ordered by name, with the
+// HSMs that know each user as its coverage; a user locked on any HSM is
+// shown locked.
+func (c *Cluster) mergeUsers(byHSM map[string][]hsm.User) []hsm.User {
+	byName := map[string]hsm.User{}
+	holders := map[string][]string{}
+	for id, users := range byHSM {
+		for _, u := range users {
+			if prev, ok := byName[u.Name]; !ok || (u.Locked && !prev.Locked) {
+				byName[u.Name] = u
+			}
+			holders[u.Name] = append(holders[u.Name], id)
+		}
+	}
 	out := make([]hsm.User, 0, len(byName))
 	for name, u := range byName {
 		cov := hsm.Coverage{HSMs: holders[name]}
 		sort.Strings(cov.HSMs)
-		for _, m := range s.c.memberList() {
-			if !slices.Contains(cov.HSMs, m.id) {
+		for _, m := range c.memberList() {
+			_, answered := byHSM[m.id]
+			switch {
+			case slices.Contains(cov.HSMs, m.id):
+			case !answered:
+				cov.Unreachable = append(cov.Unreachable, m.id)
+			default:
 				cov.Missing = append(cov.Missing, m.id)
 			}
 		}
@@ -126,5 +176,5 @@ func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
 		out = append(out, u)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out, nil
+	return out
 }

@@ -44,6 +44,7 @@ func Run(t *testing.T, h Harness) {
 	}
 	t.Run("Login", func(t *testing.T) { testLogin(t, h) })
 	t.Run("Users", func(t *testing.T) { testUsers(t, h) })
+	t.Run("UserNameCase", func(t *testing.T) { testUserNameCase(t, h) })
 	t.Run("Defaults", func(t *testing.T) { testDefaults(t, h) })
 	t.Run("PermissionMatrix", func(t *testing.T) { testPermissionMatrix(t, h) })
 	t.Run("WrapRules", func(t *testing.T) { testWrapRules(t, h) })
@@ -52,6 +53,8 @@ func Run(t *testing.T, h Harness) {
 	t.Run("SymmetricMechanisms", func(t *testing.T) { testSymmetricMechanisms(t, h) })
 	t.Run("RSAMechanisms", func(t *testing.T) { testRSAMechanisms(t, h) })
 	t.Run("PublicKeys", func(t *testing.T) { testPublicKeys(t, h) })
+	t.Run("PublicKeysForAll", func(t *testing.T) { testPublicKeysForAll(t, h) })
+	t.Run("ExtractableFixed", func(t *testing.T) { testExtractableFixed(t, h) })
 	t.Run("UnwrapFailures", func(t *testing.T) { testUnwrapFailures(t, h) })
 	t.Run("Masked", func(t *testing.T) { testMasked(t, h) })
 	t.Run("SessionKeys", func(t *testing.T) { testSessionKeys(t, h) })

@@ -197,11 +197,10 @@ func testAttributeRules(t *testing.T, h Harness) {
 	wantCode(t, "crypto user sets trusted", set(f.alice, hsm.AttrTrusted, true), hsm.CodePermission)
 	wantCode(t, "crypto officer sets trusted", set(f.co, hsm.AttrTrusted, true), "")
 	wantCode(t, "crypto officer sets encrypt", set(f.co, hsm.AttrEncrypt, true), hsm.CodePermission)
-	wantCode(t, "extractable true→false", set(f.alice, hsm.AttrExtractable, false), "")
-	wantCode(t, "extractable false→true", set(f.alice, hsm.AttrExtractable, true), hsm.CodePermission)
+	wantCode(t, "extractable true→false", set(f.alice, hsm.AttrExtractable, false), hsm.CodeInvalidInput)
 	wantCode(t, "encrypt on", set(f.alice, hsm.AttrEncrypt, true), "")
 	got, _ := f.alice.GetKey(ctx, k.Ref)
-	if !got.Attrs.Encrypt || !got.Attrs.Trusted || !got.Attrs.WrapWithTrusted || got.Attrs.Extractable || got.Attrs.NeverExtractable {
+	if !got.Attrs.Encrypt || !got.Attrs.Trusted || !got.Attrs.WrapWithTrusted || !got.Attrs.Extractable || got.Attrs.NeverExtractable {
 		t.Errorf("attributes after changes: %+v", got.Attrs)
 	}
 	wantCode(t, "destroyable true→false", set(f.alice, hsm.AttrDestroyable, false), "")

@@ -345,6 +345,9 @@ func checkSetAttribute(info hsm.KeyInfo, a hsm.Attr, v bool, role hsm.Role) (hsm
 	if a == hsm.AttrToken {
 		return hsm.Attributes{}, hsm.Errorf(hsm.CodeInvalidInput, op, ref, "token cannot be changed on key %s: it is fixed when the key is made", ref)
 	}
+	if a == hsm.AttrExtractable {
+		return hsm.Attributes{}, hsm.Errorf(hsm.CodeInvalidInput, op, ref, "extractable cannot be changed on key %s: it is fixed when the key is made (as in cloudhsm); make a new key with the extractable value you need", ref)
+	}
 	if a == hsm.AttrPrivate {
 		return hsm.Attributes{}, hsm.Errorf(hsm.CodeInvalidInput, op, ref, "private cannot be changed on key %s: it is fixed when the key is made", ref)
 	}
@@ -376,10 +379,6 @@ func checkSetAttribute(info hsm.KeyInfo, a hsm.Attr, v bool, role hsm.Role) (hsm
 		}
 		if info.Class == hsm.ClassPublic {
 			return hsm.Attributes{}, hsm.Errorf(hsm.CodeInvalidInput, op, ref, "key %s is a public key, which cannot be sensitive", ref)
-		}
-	case hsm.AttrExtractable:
-		if v {
-			return hsm.Attributes{}, hsm.Errorf(hsm.CodePermission, op, ref, "extractable can only go from true to false; key %s stays non-extractable", ref)
 		}
 	}
 	at := info.Attrs

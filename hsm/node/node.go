@@ -64,6 +64,8 @@ type persisted struct {
 	KeyCapacity      int       `json:"key-capacity"`
 	MaxConcurrentOps int       `json:"max-concurrent-ops"`
 	Created          time.Time `json:"created"`
+	// QuorumUserManagement is M of the user-management quorum (0: off).
+	QuorumUserManagement int `json:"quorum-user-management,omitempty"`
 }
 
 // Node is one HSM backed by a bbolt file and an audit file beside it. It
@@ -245,7 +247,8 @@ func (n *Node) load() error {
 		if err := json.Unmarshal(meta.Get(metaOptions), &n.opt); err != nil {
 			return fmt.Errorf("reading the hsm options: %w", err)
 		}
-		n.setPolicy(hsm.Policy{FIPS: n.opt.FIPS, KeyCapacity: n.opt.KeyCapacity, MaxConcurrentOps: n.opt.MaxConcurrentOps})
+		n.setPolicy(hsm.Policy{FIPS: n.opt.FIPS, KeyCapacity: n.opt.KeyCapacity, MaxConcurrentOps: n.opt.MaxConcurrentOps,
+			QuorumUserManagement: n.opt.QuorumUserManagement})
 		var err error
 		if n.storage, err = newGCM(meta.Get(metaStorageKey)); err != nil {
 			return fmt.Errorf("reading the storage key: %w", err)

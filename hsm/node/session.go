@@ -90,12 +90,14 @@ func (s *session) Logout(ctx context.Context) error {
 // visibility and permission -----------------------------------------------------
 
 // sees reports whether the session may see a key: its owner, a user it is
-// shared with, or a crypto officer; session keys only in their own session.
+// shared with, or a crypto officer; a public key every user (CloudHSM: "key
+// list includes all public keys in the cluster"); session keys only in
+// their own session.
 func (s *session) sees(info hsm.KeyInfo, sess uint64) bool {
 	if sess != 0 && sess != s.id {
 		return false
 	}
-	return s.role == hsm.RoleCryptoOfficer || info.Owner == s.user || slices.Contains(info.SharedWith, s.user)
+	return s.role == hsm.RoleCryptoOfficer || info.Class == hsm.ClassPublic || info.Owner == s.user || slices.Contains(info.SharedWith, s.user)
 }
 
 func (s *session) notFound(op string, ref hsm.KeyRef) error {
@@ -567,11 +569,15 @@ func (s *session) share(ctx context.Context, op string, ref hsm.KeyRef, user str
 	n := s.n
 	// Whether the user exists is read outside the key transaction; a user
 	// deleted at the same moment keeps a dangling share, which is harmless.
+	user = normUser(user)
 	var target *hsm.UserRecord
 	if err := n.db.View(func(tx *bolt.Tx) error { target, err = getUser(tx, user); return err }); err != nil {
 		return err
 	}
 	return s.change(ctx, op, user, ref, func(info hsm.KeyInfo) (*hsm.KeyInfo, error) {
+		if info.Class == hsm.ClassPublic {
+			return nil, hsm.Errorf(hsm.CodeInvalidInput, op, ref, "key %s is a public key, which every user of the cluster can already see and use; public keys cannot be shared or unshared, so there is nothing to do", ref)
+		}
 		if err := s.ownerCheck(op, op, info); err != nil {
 			return nil, err
 		}

@@ -102,6 +102,11 @@ func (n *Node) RestoreSnapshot(ctx context.Context, data []byte) error {
 	)
 	err = n.write(ctx, hsm.AuditRecord{User: "peer", Op: op}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
 		revs = nil
+		if tx.Bucket(bktQuorum) != nil {
+			if err := tx.DeleteBucket(bktQuorum); err != nil { // tokens are not restored
+				return txAbort{err}
+			}
+		}
 		for _, b := range [][]byte{bktUsers, bktKeys, bktIDs} {
 			if err := tx.DeleteBucket(b); err != nil {
 				return txAbort{err}
@@ -129,13 +134,7 @@ func (n *Node) RestoreSnapshot(ctx context.Context, data []byte) error {
 			}
 			revs = append(revs, rev)
 		}
-		opt := n.opt
-		opt.FIPS, opt.KeyCapacity = pol.FIPS, pol.KeyCapacity
-		pj, _ := json.Marshal(opt)
-		if err := tx.Bucket(bktMeta).Put(metaOptions, pj); err != nil {
-			return txAbort{err}
-		}
-		return nil
+		return n.putPolicy(tx, pol)
 	})
 	if err != nil {
 		return err
@@ -154,6 +153,19 @@ func (n *Node) RestoreSnapshot(ctx context.Context, data []byte) error {
 	}
 	for i, mk := range mks {
 		n.apply(mk.info.Ref, revs[i], &key{info: mk.info, mat: &material{class: mk.info.Class, der: mk.material}})
+	}
+	return nil
+}
+
+// putPolicy persists the policy's FIPS mode, capacity and quorum in the
+// HSM's options inside tx; the caller publishes it with setPolicy after
+// the commit.
+func (n *Node) putPolicy(tx *bolt.Tx, p hsm.Policy) error {
+	opt := n.opt
+	opt.FIPS, opt.KeyCapacity, opt.QuorumUserManagement = p.FIPS, p.KeyCapacity, p.QuorumUserManagement
+	pj, _ := json.Marshal(opt)
+	if err := tx.Bucket(bktMeta).Put(metaOptions, pj); err != nil {
+		return txAbort{err}
 	}
 	return nil
 }

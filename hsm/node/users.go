@@ -26,6 +26,10 @@ func (n *Node) hashPassword(name string, role hsm.Role, password string) (hsm.Us
 	return hsm.UserRecord{Name: name, Role: role, Hash: h, Salt: salt, Iterations: n.kdfIter}, nil
 }
 
+// normUser is a user name as the HSM keeps and shows it: user names are not
+// case-sensitive and are always shown in lower case, as in CloudHSM.
+func normUser(name string) string { return strings.ToLower(name) }
+
 func checkUserName(op, name string) error {
 	if name == "" || len(name) > 64 {
 		return hsm.Errorf(hsm.CodeInvalidInput, op, 0, "a user name must be 1 to 64 characters")
@@ -49,7 +53,7 @@ func checkPassword(op, pw string) error {
 }
 
 func getUser(tx *bolt.Tx, name string) (*hsm.UserRecord, error) {
-	v := tx.Bucket(bktUsers).Get([]byte(name))
+	v := tx.Bucket(bktUsers).Get([]byte(normUser(name)))
 	if v == nil {
 		return nil, nil
 	}
@@ -65,13 +69,14 @@ func putUser(tx *bolt.Tx, u *hsm.UserRecord) error {
 	if err != nil {
 		return err
 	}
-	return tx.Bucket(bktUsers).Put([]byte(u.Name), v)
+	return tx.Bucket(bktUsers).Put([]byte(normUser(u.Name)), v)
 }
 
 // Bootstrap creates the first crypto officer of a new HSM; it fails if any
 // user exists.
 func (n *Node) Bootstrap(ctx context.Context, officer hsm.Credentials) error {
 	const op = "bootstrap"
+	officer.User = normUser(officer.User)
 	release, err := n.begin(ctx, op)
 	if err != nil {
 		return err
@@ -106,6 +111,7 @@ func loginFailed() error {
 // Login authenticates a user and opens a session.
 func (n *Node) Login(ctx context.Context, c hsm.Credentials) (hsm.Session, error) {
 	const op = "login"
+	c.User = normUser(c.User)
 	release, err := n.begin(ctx, op)
 	if err != nil {
 		return nil, err
@@ -186,6 +192,7 @@ func lockedError(user string) error {
 
 func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, password string) error {
 	const op = "user-create"
+	name = normUser(name)
 	release, err := s.begin(ctx, op)
 	if err != nil {
 		return err
@@ -210,9 +217,11 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 		return err
 	}
 	if err := pre(); err != nil {
-		return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *hsm.AuditRecord) error { return err })
+		return s.refuse(ctx, op, name, err)
 	}
-	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+	var spent string
+	err = n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+		spent = ""
 		cur, err := getUser(tx, name)
 		if err != nil {
 			return err
@@ -220,19 +229,29 @@ func (s *session) CreateUser(ctx context.Context, name string, role hsm.Role, pa
 		if cur != nil {
 			return hsm.Errorf(hsm.CodeExists, op, 0, "user %s already exists (role %s); choose another name or delete it first", name, cur.Role)
 		}
+		if spent, err = n.spendQuorum(tx, op, s.user); err != nil {
+			return err
+		}
 		return putUser(tx, &u)
 	})
+	if err == nil {
+		s.auditSpend(spent)
+	}
+	return err
 }
 
 func (s *session) DeleteUser(ctx context.Context, name string) error {
 	const op = "user-delete"
+	name = normUser(name)
 	release, err := s.begin(ctx, op)
 	if err != nil {
 		return err
 	}
 	defer release()
 	n := s.n
-	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+	var spent string
+	err = n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+		spent = ""
 		if s.role != hsm.RoleCryptoOfficer {
 			return hsm.Errorf(hsm.CodePermission, op, 0, "only a crypto officer may delete users")
 		}
@@ -247,10 +266,26 @@ func (s *session) DeleteUser(ctx context.Context, name string) error {
 			return hsm.Errorf(hsm.CodeNotFound, op, 0, "user %s not found; list users to see who exists", name)
 		}
 		if owned := ownedKeys(tx, name); owned > 0 {
-			return hsm.Errorf(hsm.CodePermission, op, 0, "user %s owns %d keys; delete them (or have their owner do so) before deleting the user", name, owned)
+			return hsm.Errorf(hsm.CodePermission, op, 0, "user %s owns %d keys, and only their owner can delete them: log in as %s, delete its keys, then delete the user", name, owned, name)
+		}
+		if m := n.quorumM(); m > 1 && cur.Role == hsm.RoleCryptoOfficer && len(cur.QuorumKey) > 0 {
+			left, err := officersWithKeys(tx, name)
+			if err != nil {
+				return err
+			}
+			if left < m {
+				return hsm.Errorf(hsm.CodePermission, op, 0, "deleting crypto officer %s would leave %d officers with quorum keys, fewer than the user-management quorum of %d, and the cluster could no longer be administered: register another officer's quorum key first, or lower the quorum", name, left, m)
+			}
+		}
+		if spent, err = n.spendQuorum(tx, op, s.user); err != nil {
+			return err
 		}
 		return tx.Bucket(bktUsers).Delete([]byte(name))
 	})
+	if err == nil {
+		s.auditSpend(spent)
+	}
+	return err
 }
 
 // ownedKeys counts the token keys a user owns.
@@ -263,7 +298,7 @@ func ownedKeys(tx *bolt.Tx, user string) int {
 				Owner string `json:"owner"`
 			} `json:"info"`
 		}
-		if json.Unmarshal(v, &rec) == nil && rec.Info.Owner == user {
+		if json.Unmarshal(v, &rec) == nil && strings.EqualFold(rec.Info.Owner, user) {
 			count++
 		}
 	}
@@ -272,6 +307,7 @@ func ownedKeys(tx *bolt.Tx, user string) int {
 
 func (s *session) ChangePassword(ctx context.Context, name, password string) error {
 	const op = "user-change-password"
+	name = normUser(name)
 	release, err := s.begin(ctx, op)
 	if err != nil {
 		return err
@@ -290,9 +326,11 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 		return err
 	}
 	if err := pre(); err != nil {
-		return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name, Outcome: outcome(err)}, func(*bolt.Tx, *hsm.AuditRecord) error { return err })
+		return s.refuse(ctx, op, name, err)
 	}
-	return n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+	var spent string
+	err = n.write(ctx, hsm.AuditRecord{User: s.user, Op: op, Target: name}, func(tx *bolt.Tx, _ *hsm.AuditRecord) error {
+		spent = ""
 		cur, err := getUser(tx, name)
 		if err != nil {
 			return err
@@ -300,10 +338,19 @@ func (s *session) ChangePassword(ctx context.Context, name, password string) err
 		if cur == nil {
 			return hsm.Errorf(hsm.CodeNotFound, op, 0, "user %s not found; list users to see who exists", name)
 		}
+		if name != s.user { // one's own password needs no quorum
+			if spent, err = n.spendQuorum(tx, op, s.user); err != nil {
+				return err
+			}
+		}
 		nu := *cur
 		nu.Hash, nu.Salt, nu.Iterations, nu.Failures, nu.Locked = u.Hash, u.Salt, u.Iterations, 0, false
 		return putUser(tx, &nu)
 	})
+	if err == nil {
+		s.auditSpend(spent)
+	}
+	return err
 }
 
 func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
@@ -318,7 +365,7 @@ func (s *session) ListUsers(ctx context.Context) ([]hsm.User, error) {
 	}
 	out := make([]hsm.User, len(recs))
 	for i, u := range recs {
-		out[i] = hsm.User{Name: u.Name, Role: u.Role, Locked: u.Locked, Coverage: hsm.Coverage{HSMs: []string{s.n.opt.ID}}}
+		out[i] = hsm.User{Name: normUser(u.Name), Role: u.Role, Locked: u.Locked, Coverage: hsm.Coverage{HSMs: []string{s.n.opt.ID}}}
 	}
 	return out, nil
 }
@@ -355,6 +402,7 @@ func (n *Node) PeerUsers(ctx context.Context) ([]hsm.UserRecord, error) {
 // all), for the cluster layer's replication.
 func (n *Node) PeerPutUser(ctx context.Context, u hsm.UserRecord) error {
 	const op = "peer-put-user"
+	u.Name = normUser(u.Name)
 	release, err := n.begin(ctx, op)
 	if err != nil {
 		return err
@@ -379,6 +427,7 @@ func (n *Node) PeerPutUser(ctx context.Context, u hsm.UserRecord) error {
 // an error.
 func (n *Node) PeerDeleteUser(ctx context.Context, name string) error {
 	const op = "peer-delete-user"
+	name = normUser(name)
 	release, err := n.begin(ctx, op)
 	if err != nil {
 		return err

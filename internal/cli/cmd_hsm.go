@@ -56,6 +56,7 @@ Example:
 			hsmAddHSMCommand(e),
 			hsmRemoveHSMCommand(e),
 			hsmFaultCommand(e),
+			hsmQuorumCommand(e),
 		},
 	}
 }
@@ -220,9 +221,10 @@ func explainKeyError(op string, k hsm.KeyInfo, user string, err error) error {
 	case hsm.CodeNotFound:
 		msg += "; list the keys " + user + " can see with `keymig hsm key list`"
 	case hsm.CodeQuorum:
-		msg += "; bring the missing HSMs up (`keymig hsm fault --up`) and run `keymig hsm sync`"
+		msg += "; bring the missing HSM back up (`keymig hsm fault --up`): the key reaches it at the next command"
 	case hsm.CodePermission:
-		if k.Owner != "" && user != "" && k.Owner != user {
+		// One action: the HSM's own message may name it already.
+		if k.Owner != "" && user != "" && k.Owner != user && !strings.Contains(msg, "log in as") {
 			msg += fmt.Sprintf("; log in as %s, its owner", k.Owner)
 		}
 	case hsm.CodeThrottled, hsm.CodeUnavailable:

@@ -48,7 +48,7 @@ Examples:
 			&cli.StringSliceFlag{Name: "azs", Usage: "availability zones, comma-separated, assigned round-robin", DefaultText: "REGIONa,REGIONb,REGIONc"},
 			&cli.BoolFlag{Name: "disable-key-availability-check", Usage: "let token keys be used while on one HSM only (always so with one HSM)"},
 			&cli.IntFlag{Name: "key-capacity", Value: 3300, Usage: "most token keys the cluster may hold"},
-			&cli.BoolFlag{Name: "non-fips", Usage: "run the HSMs outside FIPS mode (allows PKCS#1 v1.5 key transport)"},
+			&cli.BoolFlag{Name: "non-fips", Usage: "run the HSMs outside FIPS mode (allows PKCS#1 v1.5 key transport: hsm key wrap and unwrap --mechanism rsa-pkcs)"},
 			kdfIterationsFlag("100000"),
 			pinFileFlag(),
 			outputFlag(),

@@ -186,7 +186,7 @@ func jsonKey(k hsm.KeyInfo) hsm.KeyInfo {
 func warnCoverage(w io.Writer, dir string, keys []hsm.KeyInfo) {
 	for _, k := range keys {
 		if !k.Coverage.Full() && k.Attrs.Token {
-			fmt.Fprintf(w, "warning: %s is on %d HSMs only (%s); run `keymig hsm sync --cluster %s` once the HSMs are back\n",
+			fmt.Fprintf(w, "warning: %s is on %d HSMs only (%s); it reaches the others when they are back, at the next command on cluster %s\n",
 				keyName(k), k.Coverage.Count(), k.Coverage, dir)
 		}
 	}

@@ -221,6 +221,8 @@ func generateError(what string, err error) error {
 		return fmt.Errorf("%s: %w; delete keys, or move to a cluster with a larger --key-capacity", what, err)
 	case hsm.CodePermission:
 		return fmt.Errorf("%s: %w (crypto users create keys; crypto officers manage users)", what, err)
+	case hsm.CodeQuorum:
+		return fmt.Errorf("%s: %w; bring the HSM back up (`keymig hsm fault --up`) and try again", what, err)
 	}
 	return fmt.Errorf("%s: %w", what, err)
 }

@@ -201,13 +201,14 @@ func runHSMKeySetAttribute(ctx context.Context, e *env, o hsmKeyOneOptions) erro
 	})
 }
 
-// setAttributeError explains a refused attribute change with CloudHSM's rule.
+// setAttributeError explains a refused attribute change with CloudHSM's rule
+// and one action: only a crypto officer sets trusted, not even the owner.
 func setAttributeError(k hsm.KeyInfo, u hsm.User, a hsm.Attr, v bool, err error) error {
-	e := explainKeyError(fmt.Sprintf("set-attribute %s=%t on", a, v), k, u.Name, err).(*explainedError)
+	op := fmt.Sprintf("set-attribute %s=%t on", a, v)
 	if a == hsm.AttrTrusted && u.Role != hsm.RoleCryptoOfficer && hsm.CodeOf(err) == hsm.CodePermission {
-		e.msg += "; log in as a crypto officer to set trusted"
+		return &explainedError{fmt.Sprintf("%s %s: %s; log in as a crypto officer to set trusted", op, keyName(k), hsmMsg(err)), err}
 	}
-	return e
+	return explainKeyError(op, k, u.Name, err)
 }
 
 // hsmKeyDeleteCommand is `keymig hsm key delete`.

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/keymig/keymig/hsm"
@@ -23,7 +24,7 @@ type hsmWrapParams struct {
 // hsmWrapFlags are the flags of hsmWrapParams.
 func hsmWrapFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "mechanism", Aliases: []string{"m"}, Required: true, Usage: "rsa-aes, rsa-oaep, aes-kwp or aes-kw"},
+		&cli.StringFlag{Name: "mechanism", Aliases: []string{"m"}, Required: true, Usage: "rsa-aes, rsa-oaep, aes-kwp, aes-kw, or rsa-pkcs (PKCS#1 v1.5; clusters made with --non-fips only)"},
 		&cli.StringFlag{Name: "hash", Value: "sha256", Usage: "OAEP hash (rsa-aes, rsa-oaep): sha1, sha224, sha256, sha384 or sha512"},
 		&cli.StringFlag{Name: "mgf1-hash", DefaultText: "same as --hash", Usage: "OAEP MGF1 hash (rsa-aes, rsa-oaep)"},
 		&cli.StringFlag{Name: "label-hex", DefaultText: "no label", Usage: "OAEP label in hex (rsa-aes, rsa-oaep)"},
@@ -58,14 +59,14 @@ func hsmWrapParamsFrom(c *cli.Context) (hsmWrapParams, error) {
 		} else if c.IsSet("aes-bits") {
 			return hsmWrapParams{}, errors.New("--aes-bits applies only to rsa-aes")
 		}
-	case hsm.MechAESKWP, hsm.MechAESKW:
+	case hsm.MechAESKWP, hsm.MechAESKW, hsm.MechRSAPKCS:
 		for _, f := range rsaFlags {
 			if c.IsSet(f) {
-				return hsmWrapParams{}, fmt.Errorf("--%s applies only to rsa-aes and rsa-oaep, not to %s", f, m)
+				return hsmWrapParams{}, fmt.Errorf("--%s applies only to rsa-aes and rsa-oaep, not to %s; leave it out", f, m)
 			}
 		}
 	default:
-		return hsmWrapParams{}, fmt.Errorf("--mechanism %s cannot wrap keys: want rsa-aes, rsa-oaep, aes-kwp or aes-kw", m)
+		return hsmWrapParams{}, fmt.Errorf("--mechanism %s cannot wrap keys: want rsa-aes, rsa-oaep, aes-kwp, aes-kw or rsa-pkcs", m)
 	}
 	return p, nil
 }
@@ -111,7 +112,9 @@ with mode 0600 and never replaces a file without --force.
 
 Blobs are the standard formats: rsa-oaep is PKCS#1 OAEP; rsa-aes is PKCS#11
 CKM_RSA_AES_KEY_WRAP (the OAEP-encrypted ephemeral AES key, then the payload
-under AES-KWP, RFC 5649); aes-kwp and aes-kw are RFC 5649 and RFC 3394. So
+under AES-KWP, RFC 5649); aes-kwp and aes-kw are RFC 5649 and RFC 3394;
+rsa-pkcs is PKCS#1 v1.5, refused in FIPS mode (the default; see hsm init
+--non-fips). So
 ` + "`keymig unwrap`" + ` or openssl can unwrap them outside with the private key.
 
 Example:
@@ -212,8 +215,10 @@ func wrapError(payload, wrapping hsm.KeyInfo, user string, p hsmWrapParams, err 
 		return &explainedError{fmt.Sprintf("%s is not extractable: it cannot be wrapped; sync it to a clone (masked copy) or rotate its data keys", pn), err}
 	case hsm.CodePermission:
 		switch {
-		case payload.Owner != "" && payload.Owner != user:
+		case payload.Owner != "" && payload.Owner != user && slices.Contains(payload.SharedWith, user):
 			return &explainedError{fmt.Sprintf("%s is owned by %s and only shared with %s: only the owner of a key may wrap it; log in as %s", pn, payload.Owner, user, payload.Owner), err}
+		case payload.Owner != "" && payload.Owner != user:
+			return &explainedError{fmt.Sprintf("%s is owned by %s: only the owner of a key may wrap it; log in as %s", pn, payload.Owner, payload.Owner), err}
 		case payload.Attrs.WrapWithTrusted && !wrapping.Attrs.Trusted:
 			return &explainedError{fmt.Sprintf("%s is wrap-with-trusted and wrapping %s is not trusted: a crypto officer must set trusted=true on the wrapping key (keymig hsm key set-attribute --filter key-reference=%s --name trusted --value true), or wrap with a trusted key", pn, wn, wrapping.Ref), err}
 		case !wrapping.Attrs.Wrap:
@@ -224,7 +229,7 @@ func wrapError(payload, wrapping hsm.KeyInfo, user string, p hsmWrapParams, err 
 	case hsm.CodeUnsupportedMechanism, hsm.CodeInvalidInput:
 		return &explainedError{fmt.Sprintf("wrap %s with %s using %s: %s", pn, wn, p.describe(), hsmMsg(err)), err}
 	case hsm.CodeQuorum:
-		return &explainedError{fmt.Sprintf("wrap %s with %s: %s; bring the missing HSMs up and run `keymig hsm sync`", pn, wn, hsmMsg(err)), err}
+		return &explainedError{fmt.Sprintf("wrap %s with %s: %s; bring the missing HSM back up (`keymig hsm fault --up`): the key reaches it at the next command", pn, wn, hsmMsg(err)), err}
 	}
 	return &explainedError{fmt.Sprintf("wrap %s with %s: %s", pn, wn, hsmMsg(err)), err}
 }

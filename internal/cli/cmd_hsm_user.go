@@ -33,6 +33,7 @@ users (create and use keys), as in CloudHSM. The caller logs in with
 KEYMIG_PIN (user:password), --pin-file or a prompt; new passwords come from
 KEYMIG_NEW_PASSWORD or a prompt, never from a flag.`,
 		Subcommands: []*cli.Command{
+			hsmUserRegisterQuorumCommand(e),
 			{
 				Name:  "create",
 				Usage: "create a user on every HSM of the cluster (crypto officers only)",
@@ -58,16 +59,19 @@ KEYMIG_NEW_PASSWORD or a prompt, never from a flag.`,
 			},
 			{
 				Name:  "list",
-				Usage: "list the users, their roles, lock state and HSM coverage",
-				Description: `Example:
+				Usage: "list the users, their roles, lock state and HSM coverage (no login needed)",
+				Description: `As in CloudHSM, listing users needs no login: no PIN is read. User names
+are not case-sensitive and are shown in lower case.
+
+Example:
   keymig hsm user list --cluster ./hsm1 --output json`,
-				Flags: clusterFlags(true),
+				Flags: clusterFlags(false),
 				Action: func(c *cli.Context) error {
-					o, err := e.userOptionsFrom(c)
+					co, err := e.clusterOptionsFrom(c, false)
 					if err != nil {
 						return err
 					}
-					return runHSMUserList(c.Context, e, o)
+					return runHSMUserList(c.Context, e, hsmUserOptions{clusterOptions: co})
 				},
 			},
 			{
@@ -179,7 +183,7 @@ func runHSMUserDelete(ctx context.Context, e *env, o hsmUserOptions) error {
 		return errors.New("--username is required")
 	}
 	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		if o.Username == s.User().Name {
+		if strings.EqualFold(o.Username, s.User().Name) {
 			return inCluster(o.Dir, fmt.Errorf("delete user %s: a user cannot delete itself; log in as another crypto officer", o.Username))
 		}
 		users, err := capable[hsm.Users](o.Dir, s, "manage users")
@@ -211,15 +215,11 @@ func runHSMUserChangePassword(ctx context.Context, e *env, o hsmUserOptions) err
 	})
 }
 
-// runHSMUserList prints every user.
+// runHSMUserList prints every user; it needs no login.
 func runHSMUserList(ctx context.Context, e *env, o hsmUserOptions) error {
 	stdout := e.stdout
-	return withSession(ctx, o.clusterOptions, func(_ *cluster.Cluster, s hsm.Session) error {
-		u, err := capable[hsm.Users](o.Dir, s, "list users")
-		if err != nil {
-			return err
-		}
-		users, err := u.ListUsers(ctx)
+	return withCluster(ctx, o.clusterOptions, func(cl *cluster.Cluster) error {
+		users, err := cl.Users(ctx)
 		if err != nil {
 			return inCluster(o.Dir, fmt.Errorf("list users: %w", err))
 		}
