@@ -55,7 +55,10 @@ type TableReport struct {
 	Vanished int64 `json:"vanished"` // deleted by the application meanwhile
 	// FinalPass counts the rows under the old master the final pass found
 	// (inserted or changed by the application during the run).
-	FinalPass int64         `json:"final-pass"`
+	FinalPass int64 `json:"final-pass"`
+	// Unsettled counts rows the application changed again under the final
+	// pass: still under the old master (run again).
+	Unsettled int64         `json:"unsettled,omitempty"`
 	Batches   int           `json:"batches"`
 	Resumed   bool          `json:"resumed"`
 	Finished  bool          `json:"finished"`
@@ -65,12 +68,7 @@ type TableReport struct {
 }
 
 // Rate is rows rotated per second in this run.
-func (r TableReport) Rate() float64 {
-	if r.Elapsed <= 0 {
-		return 0
-	}
-	return float64(r.Records) / r.Elapsed.Seconds()
-}
+func (r TableReport) Rate() float64 { return perSecond(r.Records, r.Elapsed) }
 
 // TableReject is a row set aside: its key and why. It holds no ciphertext.
 type TableReject struct {
@@ -114,6 +112,9 @@ type tableBatch struct {
 func tableItemKey(b int) string { return fmt.Sprintf("page-%09d", b) }
 
 const mainPassDone = "main-pass-done"
+
+// statePageRead is the journal state of a page read but not yet written.
+const statePageRead = "read"
 
 type tableJob struct {
 	cfg      TableConfig
@@ -166,24 +167,16 @@ func RunTable(ctx context.Context, j *journal.Journal, cfg TableConfig) (TableRe
 	rep := TableReport{Run: id, Table: cfg.Table.String(), From: from.String(), To: to.String()}
 	meta := map[string]string{"table": cfg.Table.String(), "from": from.String(), "to": to.String(),
 		"alg": cfg.Alg, "on-error": string(cfg.OnError), "batch": fmt.Sprint(cfg.Batch)}
-	r, info, resumed, err := j.Begin(id, TableRunKind, meta)
+	r, _, resumed, err := j.Begin(id, TableRunKind, meta)
 	if err != nil {
 		return rep, err
 	}
+	// A run that is done is not replayed from its summary: the table is
+	// live, so running it again runs its final pass again and rotates
+	// what the application wrote under the old master since.
 	rep.Resumed = resumed
-	if resumed && info.Status == journal.RunDone {
-		var old TableReport
-		if json.Unmarshal(info.Summary, &old) == nil {
-			old.Resumed, old.Elapsed, old.Records = true, 0, 0
-			return old, r.Finish(journal.RunDone, old)
-		}
-	}
-	dstName := cfg.Source.Name
-	if cfg.Target != nil {
-		dstName = cfg.Target.Name
-	}
 	jb := &tableJob{cfg: cfg, from: from, to: to, toMaster: Master{Label: to.Label, KCV: to.KCV.String()},
-		dstName: dstName, rejected: map[string]bool{}}
+		dstName: targetOf(cfg.Source, cfg.Target).Name, rejected: map[string]bool{}}
 	start := time.Now()
 	err = jb.run(ctx, r, &rep)
 	rep.Elapsed, rep.Records = time.Since(start), jb.records.Load()
@@ -271,12 +264,12 @@ func (jb *tableJob) run(ctx context.Context, r *journal.Run, rep *TableReport) e
 		if tb == nil {
 			continue
 		}
-		rows, err := jb.redo(ctx, tb.After)
+		// The same page size after the same cursor. Rows the application
+		// inserted into its range meanwhile may push some of its rows out
+		// of it: the final pass takes them.
+		rows, err := cfg.Table.Page(ctx, tb.After, cfg.Batch, "")
 		if err != nil {
 			return err
-		}
-		if len(rows) == 0 {
-			rows = nil
 		}
 		if done[b], err = jb.page(ctx, r, b, tb.After, rows, rep); err != nil {
 			return err
@@ -368,12 +361,16 @@ func (jb *tableJob) run(ctx context.Context, r *journal.Run, rep *TableReport) e
 			return err
 		}
 		rep.FinalPass += int64(len(todo))
+		rep.Unsettled += tb.Changed
 		jb.count(rep, tb)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 	}
 	rep.Batches = len(done)
+	if rep.Unsettled > 0 {
+		return fmt.Errorf("table %s: %d row(s) were changed by the application again while the final pass rotated them, and are still under the old master: run the same command again", cfg.Table, rep.Unsettled)
+	}
 	return nil
 }
 
@@ -404,13 +401,6 @@ func (jb *tableJob) count(rep *TableReport, tb *tableBatch) {
 	}
 }
 
-// redo reads again the page a killed run read after the cursor after (a
-// page of the same size). Rows the application inserted into its range
-// meanwhile may push some of its rows out of it: the final pass takes them.
-func (jb *tableJob) redo(ctx context.Context, after *string) ([]TableRow, error) {
-	return jb.cfg.Table.Page(ctx, after, jb.cfg.Batch, "")
-}
-
 // pagesInFlight bounds the pages between read and written back.
 const pagesInFlight = 2
 
@@ -434,7 +424,7 @@ func (jb *tableJob) read(r *journal.Run, b int, after *string, rows []TableRow) 
 		tb.First, tb.Last = rows[0].Key, rows[len(rows)-1].Key
 	}
 	data, _ := json.Marshal(tb)
-	return r.Put(journal.Item{Key: tableItemKey(b), State: "read", Data: data})
+	return r.Put(journal.Item{Key: tableItemKey(b), State: statePageRead, Data: data})
 }
 
 // write rotates page b and records what became of it.
@@ -657,10 +647,7 @@ func EstimateTable(ctx context.Context, cfg TableConfig, n int) (float64, error)
 		return 0, err
 	}
 	defer closeLanes(context.WithoutCancel(ctx), lanes, cfg.Log)
-	dstName := cfg.Source.Name
-	if cfg.Target != nil {
-		dstName = cfg.Target.Name
-	}
+	dstName := targetOf(cfg.Source, cfg.Target).Name
 	workers := cfg.Workers
 	if workers <= 0 {
 		workers = 64

@@ -106,11 +106,22 @@ type Report struct {
 }
 
 // Rate is records rotated per second in this run.
-func (r Report) Rate() float64 {
-	if r.Elapsed <= 0 {
+func (r Report) Rate() float64 { return perSecond(r.Records, r.Elapsed) }
+
+// perSecond is n per second of d (0 for no time).
+func perSecond(n int64, d time.Duration) float64 {
+	if d <= 0 {
 		return 0
 	}
-	return float64(r.Records) / r.Elapsed.Seconds()
+	return float64(n) / d.Seconds()
+}
+
+// targetOf is the side that holds the new master: dst, or src when nil.
+func targetOf(src Side, dst *Side) Side {
+	if dst != nil {
+		return *dst
+	}
+	return src
 }
 
 // batchResult is a done batch's journal record: where its bytes went in

@@ -63,10 +63,7 @@ func VerifyTable(ctx context.Context, cfg TableVerifyConfig) (TableVerifyReport,
 	if err != nil {
 		return rep, err
 	}
-	dst := cfg.Source
-	if cfg.Target != nil {
-		dst = *cfg.Target
-	}
+	dst := targetOf(cfg.Source, cfg.Target)
 	fp := sha256.New()
 	var after *string
 	var mu sync.Mutex

@@ -183,6 +183,9 @@ func printTableReport(w io.Writer, out outputFormat, rep rotate.TableReport, jou
 		t.row("deleted meanwhile", fmt.Sprint(rep.Vanished))
 	}
 	t.row("final pass", fmt.Sprintf("%d row(s) written under the old master during the run", rep.FinalPass))
+	if rep.Unsettled > 0 {
+		t.row("unsettled", fmt.Sprintf("%d row(s) changed again under the final pass: run again", rep.Unsettled))
+	}
 	if rep.Resumed {
 		t.row("resumed", "yes")
 	}

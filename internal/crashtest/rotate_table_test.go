@@ -8,11 +8,9 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/internal/keymigtest"
 	"github.com/keymig/keymig/internal/pgtest"
-	"github.com/keymig/keymig/internal/testcluster"
 )
 
 // tablePoints are the points an in-place rotation of a PostgreSQL table
@@ -50,19 +48,7 @@ func newTableFixture(t *testing.T, rows int) tableFixture {
 	if _, err := srv.CreateDB(f.db); err != nil {
 		t.Fatal(err)
 	}
-	testcluster.New(t, f.cluster, 2)
-	testcluster.WithUser(t, f.cluster, func(s hsm.Session) {
-		for _, label := range []string{"tde-old", "tde-new"} {
-			if _, err := s.GenerateKey(context.Background(), hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: label, Attrs: masterAttrs()}}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		keys, err := s.ListKeys(context.Background(), hsm.Filter{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.tokenKeys = len(keys)
-	})
+	f.tokenKeys = newMasterCluster(t, f.cluster)
 	must(t, 0, "datakeys", "generate", "--cluster", f.cluster, "--master", "attr.label=tde-old", "--count", fmt.Sprint(rows),
 		"--out", srv.URL(f.db), "--table", "public.data_keys", "--no-progress")
 	v := keymig(t, "", f.verifyArgs(f.cluster, srv.URL(f.db))...)

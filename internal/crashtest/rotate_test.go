@@ -44,23 +44,31 @@ func masterAttrs() map[hsm.Attr]bool {
 	return map[hsm.Attr]bool{hsm.AttrExtractable: false, hsm.AttrWrap: true, hsm.AttrUnwrap: true}
 }
 
-func newRotateFixture(t *testing.T, records int) rotateFixture {
+// newMasterCluster makes a 2-HSM cluster at dir with the masters tde-old
+// and tde-new, and returns how many keys it holds.
+func newMasterCluster(t *testing.T, dir string) (keys int) {
 	t.Helper()
-	dir := t.TempDir()
-	f := rotateFixture{cluster: filepath.Join(dir, "hsm"), in: filepath.Join(dir, "datakeys.jsonl"), records: records}
-	testcluster.New(t, f.cluster, 2)
-	testcluster.WithUser(t, f.cluster, func(s hsm.Session) {
+	testcluster.New(t, dir, 2)
+	testcluster.WithUser(t, dir, func(s hsm.Session) {
 		for _, label := range []string{"tde-old", "tde-new"} {
 			if _, err := s.GenerateKey(context.Background(), hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: label, Attrs: masterAttrs()}}); err != nil {
 				t.Fatal(err)
 			}
 		}
-		keys, err := s.ListKeys(context.Background(), hsm.Filter{})
+		list, err := s.ListKeys(context.Background(), hsm.Filter{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		f.tokenKeys = len(keys)
+		keys = len(list)
 	})
+	return keys
+}
+
+func newRotateFixture(t *testing.T, records int) rotateFixture {
+	t.Helper()
+	dir := t.TempDir()
+	f := rotateFixture{cluster: filepath.Join(dir, "hsm"), in: filepath.Join(dir, "datakeys.jsonl"), records: records}
+	f.tokenKeys = newMasterCluster(t, f.cluster)
 	must(t, 0, "datakeys", "generate", "--cluster", f.cluster, "--master", "attr.label=tde-old", "--count", fmt.Sprint(records), "--out", f.in, "--no-progress")
 	ref := filepath.Join(dir, "reference.jsonl")
 	must(t, 0, f.args(f.cluster, f.in, ref)...)
