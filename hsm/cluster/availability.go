@@ -53,7 +53,7 @@ func (c *Cluster) settleCreate(ctx context.Context, op string, refs []hsm.KeyRef
 					down = append(down, m.id)
 				}
 			}
-			c.undoCreate(ctx, refs)
+			c.undoCreate(context.WithoutCancel(ctx), refs) // undo even when the caller gave up
 			return hsm.QuorumCreateError(op, ref, down)
 		}
 	}
