@@ -1,6 +1,7 @@
 package rotate
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -20,6 +21,10 @@ type TableVerifyConfig struct {
 	Target   *Side
 	From, To hsm.Filter
 	Table    Table
+	// Originals, for a rotation to a new table or column, reads the values
+	// Table's rows were rotated from: each row under the new master must
+	// hold the same data key as its original.
+	Originals Table
 	// Batch is the rows per page; default 1000. Workers bounds the rows
 	// checked at once; default 64.
 	Batch, Workers int
@@ -32,6 +37,9 @@ type TableVerifyReport struct {
 	// UnderOld and UnderNew count the rows that unwrap under each master.
 	UnderOld int64 `json:"under-old"`
 	UnderNew int64 `json:"under-new"`
+	// Compared counts the rows under the new master found to hold the
+	// data key of their original (with Originals).
+	Compared int64 `json:"compared-with-original,omitempty"`
 	// Bad counts rows that do not: another master, a NULL, an unknown alg,
 	// a ciphertext that does not unwrap.
 	Bad      int64    `json:"bad"`
@@ -85,6 +93,21 @@ func VerifyTable(ctx context.Context, cfg TableVerifyConfig) (TableVerifyReport,
 		}
 		k := rows[len(rows)-1].Key
 		after = &k
+		var originals map[string]TableRow
+		if cfg.Originals != nil {
+			keys := make([]string, len(rows))
+			for i, r := range rows {
+				keys[i] = r.Key
+			}
+			got, err := cfg.Originals.Get(ctx, keys)
+			if err != nil {
+				return rep, err
+			}
+			originals = make(map[string]TableRow, len(got))
+			for _, r := range got {
+				originals[r.Key] = r
+			}
+		}
 		kcvs := make([]hsm.Bytes, len(rows))
 		err = forEach(ctx, len(rows), cfg.Workers, func(i int) error {
 			row := &rows[i]
@@ -112,6 +135,19 @@ func VerifyTable(ctx context.Context, cfg TableVerifyConfig) (TableVerifyReport,
 				return fmt.Errorf("cluster %s: %w", side.Name, err)
 			}
 			kcvs[i] = kcv
+			if originals != nil && which == &rep.UnderNew {
+				same, err := sameAsOriginal(ctx, cfg.Source.Sessions[i%len(cfg.Source.Sessions)], from, originals, row, kcv)
+				if err != nil {
+					return fmt.Errorf("cluster %s: %w", cfg.Source.Name, err)
+				}
+				if same != "" {
+					bad(row.Key, "%s", same)
+					return nil
+				}
+				mu.Lock()
+				rep.Compared++
+				mu.Unlock()
+			}
 			mu.Lock()
 			*which++
 			mu.Unlock()
@@ -128,4 +164,30 @@ func VerifyTable(ctx context.Context, cfg TableVerifyConfig) (TableVerifyReport,
 	rep.Fingerprint = hex.EncodeToString(fp.Sum(nil))
 	rep.Elapsed = time.Since(start)
 	return rep, nil
+}
+
+// sameAsOriginal compares a rotated row's data-key check value with that
+// of the value it was rotated from, unwrapped under the old master inside
+// the HSM; it returns what is wrong, or "" when they match.
+func sameAsOriginal(ctx context.Context, s Session, from resolved, originals map[string]TableRow, row *TableRow, kcv hsm.Bytes) (string, error) {
+	orig, ok := originals[row.Key]
+	switch {
+	case !ok:
+		return "its original row is gone", nil
+	case orig.Null != "":
+		return fmt.Sprintf("its original's column %s is NULL", orig.Null), nil
+	case orig.Master.KCV != from.KCV.String():
+		return fmt.Sprintf("its original is under master kcv %s, not the old master's %s", orig.Master.KCV, from.KCV), nil
+	}
+	okcv, err := kcvInside(ctx, s, mech(orig.Alg), from.Ref, orig.Ciphertext)
+	if errors.Is(err, hsm.ErrUnwrapFailed) {
+		return fmt.Sprintf("its original does not unwrap under %s", from), nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if !bytes.Equal(okcv, kcv) {
+		return fmt.Sprintf("it holds data key kcv %s, its original %s: another data key", kcv, okcv), nil
+	}
+	return "", nil
 }

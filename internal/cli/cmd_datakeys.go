@@ -108,7 +108,7 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 		if o.Force {
 			return errors.New("--force: generate never replaces a table; drop it or name another --table")
 		}
-		if table, err = openTable(ctx, o.Out, o.tableOptions, true); err != nil {
+		if table, err = openTable(ctx, o.Out, o.tableOptions, createTable); err != nil {
 			return err
 		}
 		defer table.Close()
@@ -199,7 +199,10 @@ lines listed in --rejects are expected to be missing from the rotated file.
 With --in postgres://... and --table, every row is unwrapped under the master
 it names (old or new) inside the HSMs; the report counts the rows under each
 and prints a fingerprint of every row's key and data-key KCV, the same before
-and after a rotation that kept every data key.
+and after a rotation that kept every data key. With --out-table or
+--out-column, the rotated values are checked, and each is compared inside
+the HSMs with the value it was rotated from: the same data key, or the row
+is named. Only when every row passes is the cut-over safe.
 
 Exit status: 0 every record verified, 1 otherwise.`,
 		Flags: append(append(envelopeFlags(),
@@ -207,7 +210,7 @@ Exit status: 0 every record verified, 1 otherwise.`,
 			&cli.StringFlag{Name: "rotated", Usage: "the `FILE` keymig rotate wrote (files only)"},
 			&cli.StringFlag{Name: "rejects", Usage: "the rejects `FILE` of the rotation, if it had one"},
 			outputFlag(),
-		), tableFlags()...),
+		), append(tableFlags(), outFlags()...)...),
 		Action: func(c *cli.Context) error {
 			out, err := commandOutput(c)
 			if err != nil {

@@ -122,6 +122,16 @@ key; under --on-error skip their keys and reasons go to --rejects
 and wrapped_key (bytea); the column flags rename them. The database password
 comes from PGPASSWORD, PGPASSFILE or ~/.pgpass, and is never shown.
 
+For a cut-over that can be rolled back, --out-table T2 or --out-column C
+writes the rotated data keys beside the old ones, which stay as they are:
+T2 has the table's layout plus source_sha256 (the SHA-256 of the value each
+row was rotated from); C adds the columns C, C_master_label, C_master_kcv,
+C_alg and C_source_sha256. Both are made if missing. A row the application
+rewrites after it was rotated no longer matches its source_sha256 and is
+rotated again by the final pass. Check with keymig datakeys verify and the
+same flags (every new value must hold the same data key as the old one),
+move the application to the new values, then drop the old ones yourself.
+
 PINs: one cluster reads KEYMIG_PIN (or --pin-file); with --target, KEYMIG_SOURCE_PIN
 and KEYMIG_TARGET_PIN (or --source-pin-file and --target-pin-file).
 
@@ -141,7 +151,7 @@ Example:
 			&cli.BoolFlag{Name: "dry-run", Usage: "check every record and both master keys; change nothing"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no progress bar or progress log lines"},
 			outputFlag(),
-		), tableFlags()...),
+		), append(tableFlags(), outFlags()...)...),
 		Action: func(c *cli.Context) error {
 			out, err := commandOutput(c)
 			if err != nil {

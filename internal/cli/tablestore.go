@@ -22,12 +22,15 @@ type tableOptions struct {
 	Table   string
 	Columns pgstore.Columns
 	Filters []string
+	// OutTable and OutColumn: rotate (and verify) to a new table or column
+	// instead of in place.
+	OutTable, OutColumn string
 }
 
 func tableFlags() []cli.Flag {
 	d := pgstore.DefaultColumns
 	return []cli.Flag{
-		&cli.StringFlag{Name: "table", Usage: "with a postgres:// URL: the data-key `TABLE` (SCHEMA.TABLE or TABLE)"},
+		&cli.StringFlag{Name: "table", Usage: "with a postgres:// URL: the data-key `TABLE` (SCHEMA.TABLE or TABLE; or table=... in the URL's query)"},
 		&cli.StringFlag{Name: "id-column", Value: d.ID, Usage: "the table's primary key `COLUMN`"},
 		&cli.StringFlag{Name: "master-label-column", Value: d.MasterLabel, Usage: "the `COLUMN` naming the master key's label"},
 		&cli.StringFlag{Name: "master-kcv-column", Value: d.MasterKCV, Usage: "the `COLUMN` holding the master key's check value (hex)"},
@@ -37,49 +40,105 @@ func tableFlags() []cli.Flag {
 	}
 }
 
+// outFlags are rotate's and verify's: a rotation that keeps the old values.
+func outFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "out-table", Usage: "with a postgres:// --in: write the rotated data keys to `TABLE` (made if missing: the same layout plus source_sha256) and leave the table's own values as they are"},
+		&cli.StringFlag{Name: "out-column", Usage: "with a postgres:// --in: write the rotated data keys to the new columns `NAME`, NAME_master_label, NAME_master_kcv, NAME_alg and NAME_source_sha256 (added if missing) and leave the old ones as they are"},
+	}
+}
+
 func tableOptionsFrom(c *cli.Context) tableOptions {
 	return tableOptions{Table: c.String("table"), Filters: c.StringSlice("filter"), Columns: pgstore.Columns{
 		ID: c.String("id-column"), MasterLabel: c.String("master-label-column"), MasterKCV: c.String("master-kcv-column"),
 		Alg: c.String("alg-column"), WrappedKey: c.String("wrapped-key-column"),
-	}}
+	}, OutTable: c.String("out-table"), OutColumn: c.String("out-column")}
 }
 
-func (t tableOptions) store() (pgstore.Options, error) {
-	o := pgstore.Options{Table: t.Table, Columns: t.Columns}
-	if t.Table == "" {
-		return o, errors.New("a postgres:// data-key store needs --table SCHEMA.TABLE")
+// resolve reads the table's address (a postgres:// URL, perhaps with
+// table=... and the other address parameters in its query) and the
+// flags into the URL to connect to and the store's options. A flag and
+// an address parameter that disagree are refused.
+func (t tableOptions) resolve(raw string) (string, pgstore.Options, error) {
+	connURL, o, err := pgstore.ParseAddress(raw)
+	if err != nil {
+		return "", o, err
+	}
+	merge := func(name, flag string, dst *string, def string) error {
+		switch {
+		case flag == "" || flag == def:
+		case *dst != def && *dst != flag:
+			return fmt.Errorf("--%s %s and %s=%s in the URL disagree: give one", name, flag, name, *dst)
+		default:
+			*dst = flag
+		}
+		return nil
+	}
+	d := pgstore.DefaultColumns
+	for _, m := range []struct {
+		name      string
+		flag      string
+		dst       *string
+		def       string
+	}{
+		{"table", t.Table, &o.Table, ""}, {"out-table", t.OutTable, &o.OutTable, ""}, {"out-column", t.OutColumn, &o.OutColumn, ""},
+		{"id-column", t.Columns.ID, &o.Columns.ID, d.ID}, {"master-label-column", t.Columns.MasterLabel, &o.Columns.MasterLabel, d.MasterLabel},
+		{"master-kcv-column", t.Columns.MasterKCV, &o.Columns.MasterKCV, d.MasterKCV}, {"alg-column", t.Columns.Alg, &o.Columns.Alg, d.Alg},
+		{"wrapped-key-column", t.Columns.WrappedKey, &o.Columns.WrappedKey, d.WrappedKey},
+	} {
+		if err := merge(m.name, m.flag, m.dst, m.def); err != nil {
+			return "", o, err
+		}
+	}
+	if o.Table == "" {
+		return "", o, errors.New("a postgres:// data-key store needs --table SCHEMA.TABLE (or table=SCHEMA.TABLE in the URL's query)")
 	}
 	for _, f := range t.Filters {
 		pf, err := pgstore.ParseFilter(f)
 		if err != nil {
-			return o, fmt.Errorf("--filter %w", err)
+			return "", o, fmt.Errorf("--filter %w", err)
 		}
 		o.Filters = append(o.Filters, pf)
 	}
-	return o, nil
+	return connURL, o, nil
 }
 
 // notForFiles refuses table flags beside a data-key file.
 func (t tableOptions) notForFiles(flag, path string) error {
-	if t.Table != "" || len(t.Filters) > 0 {
-		return fmt.Errorf("--table and --filter are for a postgres:// %s; %s is a file", flag, path)
+	if t.Table != "" || len(t.Filters) > 0 || t.OutTable != "" || t.OutColumn != "" {
+		return fmt.Errorf("--table, --filter, --out-table and --out-column are for a postgres:// %s; %s is a file", flag, path)
 	}
 	return nil
 }
 
-// openTable opens the table at url; create makes it first.
-func openTable(ctx context.Context, url string, t tableOptions, create bool) (*pgstore.Store, error) {
-	o, err := t.store()
+// tableUse is what a command does with a table.
+type tableUse int
+
+const (
+	readTable    tableUse = iota // read it as it is
+	rotateTable                  // rotate it: make its output table or columns if missing
+	createTable                  // make it and fill it
+)
+
+// openTable opens the table at raw for use.
+func openTable(ctx context.Context, raw string, t tableOptions, use tableUse) (*pgstore.Store, error) {
+	connURL, o, err := t.resolve(raw)
 	if err != nil {
 		return nil, err
 	}
-	if create {
+	switch use {
+	case createTable:
 		if len(o.Filters) > 0 {
 			return nil, errors.New("--filter selects rows to read; generate writes a new table")
 		}
-		return pgstore.Create(ctx, url, o)
+		if o.OutTable != "" || o.OutColumn != "" {
+			return nil, errors.New("--out-table and --out-column are where rotate writes; generate writes the table itself")
+		}
+		return pgstore.Create(ctx, connURL, o)
+	case rotateTable:
+		o.Prepare = true
 	}
-	return pgstore.Open(ctx, url, o)
+	return pgstore.Open(ctx, connURL, o)
 }
 
 // runRotateTable rotates a PostgreSQL table in place.
@@ -88,16 +147,27 @@ func runRotateTable(ctx context.Context, e *env, o rotateOptions, alg string) er
 	if o.Out != "" {
 		return fmt.Errorf("--out %s: a postgres:// --in is rotated in place; leave out --out", o.Out)
 	}
-	st, err := openTable(ctx, o.In, o.tableOptions, false)
+	use := rotateTable
+	if o.DryRun {
+		use = readTable
+	}
+	st, err := openTable(ctx, o.In, o.tableOptions, use)
+	if o.DryRun && errors.Is(err, pgstore.ErrNoOutput) {
+		// Nothing rotated to it yet: every row is as the table holds it.
+		fmt.Fprintf(stdout, "%v: rotate makes it\n", err)
+		t := o.tableOptions
+		t.OutTable, t.OutColumn = "", ""
+		st, err = openTable(ctx, o.In, t, readTable)
+	}
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 	if o.Journal == "" {
-		o.Journal = journal.DefaultPath(o.Table + ".rotate")
+		o.Journal = journal.DefaultPath(st.Table() + ".rotate")
 	}
 	if o.Rejects == "" {
-		o.Rejects = o.Table + ".rotate.rejects"
+		o.Rejects = st.Table() + ".rotate.rejects"
 	}
 	if o.DryRun {
 		o.Sessions = 1
@@ -279,7 +349,10 @@ func orDash(s string) string {
 // runVerifyTable checks every row of a PostgreSQL table inside the HSMs.
 func runVerifyTable(ctx context.Context, e *env, o verifyKeysOptions) error {
 	stdout := e.stdout
-	st, err := openTable(ctx, o.In, o.tableOptions, false)
+	st, err := openTable(ctx, o.In, o.tableOptions, readTable)
+	if errors.Is(err, pgstore.ErrNoOutput) {
+		return fmt.Errorf("%w: nothing has been rotated to it; run keymig rotate with the same --out-table or --out-column first", err)
+	}
 	if err != nil {
 		return err
 	}
@@ -289,8 +362,11 @@ func runVerifyTable(ctx context.Context, e *env, o verifyKeysOptions) error {
 		return err
 	}
 	defer v.close(ctx)
-	rep, err := rotate.VerifyTable(ctx, rotate.TableVerifyConfig{Source: v.src.side(), Target: v.target(),
-		From: v.from, To: v.to, Table: st, Workers: o.Workers})
+	cfg := rotate.TableVerifyConfig{Source: v.src.side(), Target: v.target(), From: v.from, To: v.to, Table: st, Workers: o.Workers}
+	if st.Output() != "" {
+		cfg.Originals = st.Originals()
+	}
+	rep, err := rotate.VerifyTable(ctx, cfg)
 	if err != nil {
 		if ctx.Err() != nil {
 			return errInterrupted
@@ -307,6 +383,9 @@ func runVerifyTable(ctx context.Context, e *env, o verifyKeysOptions) error {
 		t.row("rows", fmt.Sprint(rep.Rows))
 		t.row("under the new master", fmt.Sprintf("%d (unwrapped inside the HSMs)", rep.UnderNew))
 		t.row("under the old master", fmt.Sprint(rep.UnderOld))
+		if cfg.Originals != nil {
+			t.row("same as the original", fmt.Sprintf("%d (compared inside the HSMs with the value each was rotated from)", rep.Compared))
+		}
 		t.row("bad", fmt.Sprint(rep.Bad))
 		t.row("fingerprint", rep.Fingerprint+" (of every row's key and data-key KCV: compare before and after)")
 		t.row("time", fmt.Sprintf("%s (%.0f rows/s)", rep.Elapsed.Round(time.Millisecond), float64(rep.Rows)/max(rep.Elapsed.Seconds(), 1e-9)))

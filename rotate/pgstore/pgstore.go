@@ -64,7 +64,17 @@ type Options struct {
 	Filters []Filter
 	// MaxConns bounds the connections; default 4.
 	MaxConns int32
+	// OutTable or OutColumn, when set, receive the rotated values and the
+	// table's own values stay as they are (see Output); at most one.
+	OutTable, OutColumn string
+	// Prepare lets Open make the output table or columns when they are
+	// missing; without it a missing output is ErrNoOutput.
+	Prepare bool
 }
+
+// ErrNoOutput is Open's error for an output table or columns that do not
+// exist yet and Options.Prepare is not set.
+var ErrNoOutput = errors.New("the output does not exist yet")
 
 // IsURL reports whether s names a PostgreSQL database rather than a file.
 func IsURL(s string) bool {
@@ -99,10 +109,24 @@ type Store struct {
 	idType string   // the primary key's type, as format_type writes it
 	fcols  []string // the filter columns, quoted
 	fvals  []any
+	out    *output // nil: rotated in place
+	opts   Options
 }
 
 // quoted holds the quoted column names.
 type quoted struct{ id, label, kcv, alg, ct string }
+
+// output is where a rotation to a new table or column writes.
+type output struct {
+	desc  string         // for messages: "output table x" or "output column c"
+	ident pgx.Identifier // the output table; nil for columns of the table itself
+	table string         // quoted output table
+	q     quoted         // its columns (id only for a table), quoted
+	names Columns        // the same, unquoted
+	src   string         // the quoted column of the source value's SHA-256
+	// srcName is src unquoted.
+	srcName string
+}
 
 // Open connects to the database at rawURL and checks that the table has
 // the data-key columns and a one-column primary key on the id column.
@@ -112,6 +136,10 @@ func Open(ctx context.Context, rawURL string, o Options) (*Store, error) {
 		return nil, err
 	}
 	if err := s.check(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
+	if err := s.setupOutput(ctx); err != nil {
 		s.Close()
 		return nil, err
 	}
@@ -127,6 +155,9 @@ func connect(ctx context.Context, rawURL string, o Options) (*Store, error) {
 	}
 	if o.MaxConns <= 0 {
 		o.MaxConns = 4
+	}
+	if o.OutTable != "" && o.OutColumn != "" {
+		return nil, errors.New("--out-table and --out-column: give one")
 	}
 	name := Redact(rawURL) + " table " + o.Table
 	cfg, err := pgxpool.ParseConfig(rawURL)
@@ -149,7 +180,7 @@ func connect(ctx context.Context, rawURL string, o Options) (*Store, error) {
 		ident = pgx.Identifier{schema, table}
 	}
 	c := o.Columns
-	s := &Store{pool: pool, name: name, ident: ident, table: ident.Sanitize(), cols: c, q: quoted{
+	s := &Store{pool: pool, name: name, ident: ident, table: ident.Sanitize(), cols: c, opts: o, q: quoted{
 		id: pgx.Identifier{c.ID}.Sanitize(), label: pgx.Identifier{c.MasterLabel}.Sanitize(),
 		kcv: pgx.Identifier{c.MasterKCV}.Sanitize(), alg: pgx.Identifier{c.Alg}.Sanitize(),
 		ct: pgx.Identifier{c.WrappedKey}.Sanitize(),
@@ -179,30 +210,12 @@ func (s *Store) String() string { return s.name }
 
 // check refuses a table without the columns or the primary key.
 func (s *Store) check(ctx context.Context) error {
-	var oid *uint32
-	if err := s.retry(ctx, func() error {
-		return s.pool.QueryRow(ctx, "SELECT to_regclass($1)::oid", s.table).Scan(&oid)
-	}); err != nil {
-		return fmt.Errorf("%s: %w", s.name, err)
-	}
-	if oid == nil {
-		return fmt.Errorf("%s: no such table: create it (keymig datakeys generate --out URL --table NAME makes one) or check --table and the search path", s.name)
-	}
-	types := map[string]string{}
-	rows, err := s.pool.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
-		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
+	types, err := s.columnTypes(ctx, s.table)
 	if err != nil {
-		return fmt.Errorf("%s: reading its columns: %w", s.name, err)
+		return err
 	}
-	for rows.Next() {
-		var n, t string
-		if err := rows.Scan(&n, &t); err != nil {
-			return err
-		}
-		types[n] = t
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("%s: reading its columns: %w", s.name, err)
+	if types == nil {
+		return fmt.Errorf("%s: no such table: create it (keymig datakeys generate --out URL --table NAME makes one) or check --table and the search path", s.name)
 	}
 	var missing []string
 	for _, c := range []struct{ flag, name string }{
@@ -219,12 +232,9 @@ func (s *Store) check(ctx context.Context) error {
 	if t := types[s.cols.WrappedKey]; t != "bytea" {
 		return fmt.Errorf("%s: the wrapped-key column %s is %s, not bytea", s.name, s.cols.WrappedKey, t)
 	}
-	var pk []string
-	if err := s.pool.QueryRow(ctx, `SELECT coalesce(array_agg(a.attname ORDER BY k.ord), '{}')
-		FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-		JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-		WHERE i.indrelid = $1 AND i.indisprimary`, *oid).Scan(&pk); err != nil {
-		return fmt.Errorf("%s: reading its primary key: %w", s.name, err)
+	pk, err := s.primaryKey(ctx, s.table)
+	if err != nil {
+		return err
 	}
 	switch {
 	case len(pk) == 0:
@@ -265,9 +275,11 @@ func transient(err error) bool {
 	return !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
 }
 
-// selectCols is the row as rotate reads it.
+// selectCols is the row as rotate reads it, from the table aliased s
+// (and the output aliased o).
 func (s *Store) selectCols() string {
-	return fmt.Sprintf("%s::text, %s::text, %s::text, %s::text, %s", s.q.id, s.q.label, s.q.kcv, s.q.alg, s.q.ct)
+	return fmt.Sprintf("s.%s::text, %s::text, %s::text, %s::text, %s", s.q.id,
+		s.view("label"), s.view("kcv"), s.view("alg"), s.view("ct"))
 }
 
 func (s *Store) scan(rows pgx.Rows) ([]rotate.TableRow, error) {
@@ -324,15 +336,15 @@ func (s *Store) Page(ctx context.Context, after *string, n int, underKCV string)
 	cond := "TRUE"
 	if after != nil {
 		args = append(args, *after)
-		cond += fmt.Sprintf(" AND %s > CAST($%d::text AS %s)", s.q.id, len(args), s.idType)
+		cond += fmt.Sprintf(" AND s.%s > CAST($%d::text AS %s)", s.q.id, len(args), s.idType)
 	}
 	if underKCV != "" {
 		args = append(args, underKCV)
-		cond += fmt.Sprintf(" AND %s = $%d", s.q.kcv, len(args))
+		cond += fmt.Sprintf(" AND %s = $%d", s.view("kcv"), len(args))
 	}
-	cond += s.filters("", len(args)+1)
+	cond += s.filters("s.", len(args)+1)
 	args = append(args, s.fvals...)
-	sql := fmt.Sprintf("SELECT %s FROM %s WHERE %s ORDER BY %s LIMIT $1", s.selectCols(), s.table, cond, s.q.id)
+	sql := fmt.Sprintf("SELECT %s FROM %s WHERE %s ORDER BY s.%s LIMIT $1", s.selectCols(), s.from(), cond, s.q.id)
 	return s.query(ctx, sql, args...)
 }
 
@@ -341,11 +353,13 @@ func (s *Store) Get(ctx context.Context, keys []string) ([]rotate.TableRow, erro
 	if len(keys) == 0 {
 		return nil, nil
 	}
-	sql := fmt.Sprintf("SELECT %s FROM %s WHERE %s = ANY(CAST($1::text[] AS %s[]))", s.selectCols(), s.table, s.q.id, s.idType)
+	sql := fmt.Sprintf("SELECT %s FROM %s WHERE s.%s = ANY(CAST($1::text[] AS %s[]))", s.selectCols(), s.from(), s.q.id, s.idType)
 	return s.query(ctx, sql, keys)
 }
 
-// Swap writes the rotated rows in one statement (see rotate.Table).
+// Swap writes the rotated rows in one statement (see rotate.Table): in
+// place, or to the output table or columns, keyed by the SHA-256 of the
+// value each was rotated from.
 func (s *Store) Swap(ctx context.Context, fromKCV string, to rotate.Master, swaps []rotate.Swap) ([]string, error) {
 	keys := make([]string, len(swaps))
 	olds := make([][]byte, len(swaps))
@@ -354,11 +368,35 @@ func (s *Store) Swap(ctx context.Context, fromKCV string, to rotate.Master, swap
 	for i, w := range swaps {
 		keys[i], olds[i], cts[i], algs[i] = w.Key, w.OldCiphertext, w.Ciphertext, w.Alg
 	}
-	sql := fmt.Sprintf(`UPDATE %[1]s AS d SET %[2]s = v.ct, %[3]s = $2, %[4]s = $3, %[5]s = v.alg
+	var sql string
+	switch {
+	case s.out == nil:
+		sql = fmt.Sprintf(`UPDATE %[1]s AS s SET %[2]s = v.ct, %[3]s = $2, %[4]s = $3, %[5]s = v.alg
 		FROM unnest($4::text[], $5::bytea[], $6::bytea[], $7::text[]) AS v(k, old, ct, alg)
-		WHERE d.%[6]s = CAST(v.k AS %[7]s) AND d.%[3]s = $1 AND d.%[2]s = v.old%[8]s
-		RETURNING d.%[6]s::text`,
-		s.table, s.q.ct, s.q.kcv, s.q.label, s.q.alg, s.q.id, s.idType, s.filters("d.", 8))
+		WHERE s.%[6]s = CAST(v.k AS %[7]s) AND s.%[3]s = $1 AND s.%[2]s = v.old%[8]s
+		RETURNING s.%[6]s::text`,
+			s.table, s.q.ct, s.q.kcv, s.q.label, s.q.alg, s.q.id, s.idType, s.filters("s.", 8))
+	case s.out.ident == nil:
+		o := s.out.q
+		sql = fmt.Sprintf(`UPDATE %[1]s AS s SET %[2]s = v.ct, %[3]s = $2, %[4]s = $3, %[5]s = v.alg, %[6]s = sha256(v.old)
+		FROM unnest($4::text[], $5::bytea[], $6::bytea[], $7::text[]) AS v(k, old, ct, alg)
+		WHERE s.%[7]s = CAST(v.k AS %[8]s) AND s.%[9]s = $1 AND s.%[10]s = v.old
+		AND s.%[6]s IS DISTINCT FROM sha256(v.old)%[11]s
+		RETURNING s.%[7]s::text`,
+			s.table, o.ct, o.kcv, o.label, o.alg, s.out.src, s.q.id, s.idType, s.q.kcv, s.q.ct, s.filters("s.", 8))
+	default:
+		o := s.out.q
+		sql = fmt.Sprintf(`INSERT INTO %[1]s AS o (%[2]s, %[3]s, %[4]s, %[5]s, %[6]s, %[7]s)
+		SELECT s.%[8]s, $3, $2, v.alg, v.ct, sha256(v.old)
+		FROM unnest($4::text[], $5::bytea[], $6::bytea[], $7::text[]) AS v(k, old, ct, alg)
+		JOIN %[9]s AS s ON s.%[8]s = CAST(v.k AS %[10]s) AND s.%[11]s = $1 AND s.%[12]s = v.old%[13]s
+		ON CONFLICT (%[2]s) DO UPDATE SET %[3]s = excluded.%[3]s, %[4]s = excluded.%[4]s, %[5]s = excluded.%[5]s,
+			%[6]s = excluded.%[6]s, %[7]s = excluded.%[7]s
+		WHERE o.%[7]s IS DISTINCT FROM excluded.%[7]s
+		RETURNING o.%[2]s::text`,
+			s.out.table, o.id, o.label, o.kcv, o.alg, o.ct, s.out.src,
+			s.q.id, s.table, s.idType, s.q.kcv, s.q.ct, s.filters("s.", 8))
+	}
 	args := append([]any{fromKCV, to.KCV, to.Label, keys, olds, cts, algs}, s.fvals...)
 	var changed []string
 	err := s.retry(ctx, func() error {
@@ -388,7 +426,7 @@ func (s *Store) Census(ctx context.Context) ([]rotate.CensusRow, error) {
 	sql := fmt.Sprintf(`SELECT coalesce(%[1]s::text, ''), coalesce(%[2]s::text, ''), count(*),
 		count(*) FILTER (WHERE %[1]s IS NULL OR %[2]s IS NULL OR %[3]s IS NULL OR %[4]s IS NULL)
 		FROM %[5]s WHERE TRUE%[6]s GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2`,
-		s.q.kcv, s.q.alg, s.q.ct, s.q.label, s.table, s.filters("", 1))
+		s.view("kcv"), s.view("alg"), s.view("ct"), s.view("label"), s.from(), s.filters("s.", 1))
 	var out []rotate.CensusRow
 	err := s.retry(ctx, func() error {
 		out = out[:0]
@@ -423,8 +461,7 @@ func Create(ctx context.Context, rawURL string, o Options) (*Store, error) {
 		s.table, s.q.id, s.q.label, s.q.kcv, s.q.alg, s.q.ct)
 	if _, err := s.pool.Exec(ctx, sql); err != nil {
 		s.Close()
-		var pe *pgconn.PgError
-		if errors.As(err, &pe) && pe.Code == "42P07" {
+		if isDuplicateTable(err) {
 			return nil, fmt.Errorf("%s already exists: generate never adds to a table; drop it or name another", s.name)
 		}
 		return nil, fmt.Errorf("%s: creating it: %w", s.name, err)
