@@ -200,7 +200,11 @@ func runRotateTable(ctx context.Context, e *env, o rotateOptions, alg string) er
 			err = werr
 		}
 	}
-	if perr := printTableReport(stdout, o.Output, rep, o.Journal, o.Rejects); perr != nil && err == nil {
+	where := "in place"
+	if st.Output() != "" {
+		where = "to the " + st.Output() + "; the old values are as they were"
+	}
+	if perr := printTableReport(stdout, o.Output, rep, where, o.Journal, o.Rejects); perr != nil && err == nil {
 		err = perr
 	}
 	var re *rotate.RowError
@@ -223,7 +227,7 @@ func writeRejects(path string, rejects []rotate.TableReject) error {
 	return atomicfile.WriteFile(path, b, 0o600)
 }
 
-func printTableReport(w io.Writer, out outputFormat, rep rotate.TableReport, journalPath, rejects string) error {
+func printTableReport(w io.Writer, out outputFormat, rep rotate.TableReport, where, journalPath, rejects string) error {
 	if rep.Run == "" {
 		return nil
 	}
@@ -242,7 +246,7 @@ func printTableReport(w io.Writer, out outputFormat, rep rotate.TableReport, jou
 	t.row("table", rep.Table)
 	t.row("from", rep.From)
 	t.row("to", rep.To)
-	t.row("rotated", fmt.Sprintf("%d (in place)", rep.Rotated))
+	t.row("rotated", fmt.Sprintf("%d (%s)", rep.Rotated, where))
 	t.row("already rotated", fmt.Sprint(rep.Already))
 	rej := fmt.Sprint(rep.Rejected)
 	if rep.Rejected > 0 {
