@@ -29,6 +29,10 @@ type Rotation struct {
 	// does not unwrap under the old master): rotate.Stop (default) fails
 	// the item, rotate.Skip sets it aside in RejectsPath and goes on.
 	OnError rotate.OnError
+	// OpenTable opens the data-key table of a rotate item planned with a
+	// table's address (plan.DataKeys.Table); close releases it. Nil when
+	// the plan has no table.
+	OpenTable func(ctx context.Context, address string) (t rotate.Table, close func(), err error)
 	// SkipAdvice tells a user how to ask for bad data keys to be set
 	// aside (the CLI names its flag); default "let migrate set such
 	// records aside".
@@ -79,6 +83,9 @@ func (m *Migration) rotateItem(ctx context.Context, pi plan.Item, it journal.Ite
 	src, dst, err := ro.lanes(ctx)
 	if err != nil {
 		return it, fmt.Errorf("key %s (label %q): opening sessions to re-encrypt its data keys: %w", pi.Ref, pi.Label, err)
+	}
+	if dk.Table {
+		return m.rotateTable(ctx, pi, it, *master, src, dst)
 	}
 	m.log.Info("re-encrypting data keys under the new master", "key", pi.Ref, "label", pi.Label, "new-master", master.Ref, "records", dk.Records, "in", dk.In, "out", dk.Out)
 	cfg := rotate.Config{
@@ -158,4 +165,58 @@ func (m *Migration) makeNewMaster(ctx context.Context, pi plan.Item, it journal.
 	}
 	m.log.Info("made the new master on the target", "key", pi.Ref, "label", pi.Label, "new-master", k.Ref, "kcv", k.KCV.String())
 	return &k, failpoint.Hit(failpoint.MigrateAfterTargetUnwrap)
+}
+
+// rotateTable re-encrypts the rows of a rotate item's data-key table
+// under its new master: rotate.RunTable, in the migration's journal, so a
+// killed run resumes the table where it stopped.
+func (m *Migration) rotateTable(ctx context.Context, pi plan.Item, it journal.Item, master hsm.KeyInfo, src, dst rotate.Side) (journal.Item, error) {
+	ro, dk := m.opts.Rotation, pi.Rotation
+	if ro.OpenTable == nil {
+		return it, fmt.Errorf("key %s (label %q): its data keys are in a table, and this migration cannot open one", pi.Ref, pi.Label)
+	}
+	tb, closeTable, err := ro.OpenTable(ctx, dk.In)
+	if err != nil {
+		return it, fmt.Errorf("key %s (label %q): %w", pi.Ref, pi.Label, err)
+	}
+	defer closeTable()
+	m.log.Info("re-encrypting the data keys of a table under the new master", "key", pi.Ref, "label", pi.Label, "new-master", master.Ref, "rows", dk.Records, "table", tb.String())
+	cfg := rotate.TableConfig{
+		Source: src, Target: &dst, From: hsm.Filter{Ref: pi.Ref}, To: hsm.Filter{Ref: master.Ref},
+		Table: tb, OnError: ro.OnError, Workers: ro.Workers, Log: m.log,
+	}
+	if ro.Progress != nil {
+		cfg.Progress = ro.Progress(pi)
+	}
+	rep, err := rotate.RunTable(ctx, m.run.Journal(), cfg)
+	if len(rep.Rejects) > 0 {
+		if werr := rotate.WriteTableRejects(RejectsPath(dk), rep.Rejects); werr != nil && err == nil {
+			err = werr
+		}
+	}
+	var re *rotate.RowError
+	switch {
+	case errors.As(err, &re):
+		advice := ro.SkipAdvice
+		if advice == "" {
+			advice = "let migrate set such rows aside"
+		}
+		return it, fmt.Errorf("key %s (label %q): %v; fix the row, or %s (their keys go to %s)", pi.Ref, pi.Label, err, advice, RejectsPath(dk))
+	case err != nil && ctx.Err() != nil:
+		return it, context.Cause(ctx)
+	case err != nil:
+		return it, fmt.Errorf("key %s (label %q): re-encrypting its data keys: %w", pi.Ref, pi.Label, err)
+	}
+	if err := failpoint.Hit(failpoint.MigrateBeforeDone); err != nil {
+		return it, err
+	}
+	m.dataKeys.Add(rep.Rotated)
+	m.dataKeysRejected.Add(rep.Rejected)
+	it.State = runner.StateDone
+	it.Result = fmt.Sprintf("%s; %d rows re-encrypted in %s (%d already)", master.Ref, rep.Rotated, tb, rep.Already)
+	if rep.Rejected > 0 {
+		it.Result += fmt.Sprintf(", %d set aside in %s", rep.Rejected, RejectsPath(dk))
+		m.log.Warn("rows that did not unwrap under the old master were set aside", "key", pi.Ref, "label", pi.Label, "rejected", rep.Rejected, "rejects", RejectsPath(dk))
+	}
+	return it, nil
 }

@@ -157,8 +157,12 @@ func CheckRotated(it plan.Item, target hsm.KeyInfo) error {
 }
 
 // RejectsPath is where a rotation in a migration writes the data keys it
-// sets aside under --datakeys-on-error skip.
+// sets aside under --datakeys-on-error skip: beside the rotated file, or
+// for a table, LABEL.datakeys.rejects in the working directory.
 func RejectsPath(dk *plan.DataKeys) string {
+	if dk.Table {
+		return dk.Label + ".datakeys.rejects"
+	}
 	return dk.Out + ".rejects"
 }
 
@@ -179,9 +183,9 @@ func DryRun(p *plan.Plan, srcKeys, dstKeys []hsm.KeyInfo, dstUser string, states
 		case st == "done":
 			rows[i].Detail = "already done by an earlier run"
 		case it.Action == plan.Rotate && r.Mark == MarkSame:
-			rows[i].Detail = fmt.Sprintf("would take up the new master %s and finish re-encrypting %d data keys from %s into %s", r.Target, it.Rotation.Records, it.Rotation.In, it.Rotation.Out)
+			rows[i].Detail = fmt.Sprintf("would take up the new master %s and finish re-encrypting %d data keys %s", r.Target, it.Rotation.Records, it.Rotation.Route())
 		case it.Action == plan.Rotate && r.Mark == MarkSource:
-			rows[i].Detail = fmt.Sprintf("would make a new master on the target and re-encrypt %d data keys from %s into %s", it.Rotation.Records, it.Rotation.In, it.Rotation.Out)
+			rows[i].Detail = fmt.Sprintf("would make a new master on the target and re-encrypt %d data keys %s", it.Rotation.Records, it.Rotation.Route())
 		case r.Mark == MarkSame:
 			rows[i].Detail = "would adopt the key already on the target as " + r.Target.String()
 		case r.Mark == MarkSource:

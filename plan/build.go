@@ -312,7 +312,10 @@ func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst hsm.Inventory, use
 	default:
 		return nil // blocked for a reason a new master would not cure
 	}
-	if dk.Out == "" {
+	switch {
+	case dk.Table:
+		dk.Out = dk.In
+	case dk.Out == "":
 		dk.Out = dk.In + ".rotated"
 	}
 	why := map[string]string{
@@ -321,7 +324,7 @@ func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst hsm.Inventory, use
 		ReasonNotOwner:        "owned by " + k.Owner + ", so the source user cannot wrap it",
 	}[it.ReasonCode]
 	it.Action, it.Method, it.ReasonCode, it.TargetRef, it.Rotation = Rotate, "", "", 0, &dk
-	it.Reason = fmt.Sprintf("cannot leave its HSM (%s): a new key with its label, id and attributes is made on the target and the %d data keys of %s are re-encrypted under it into %s", why, dk.Records, dk.In, dk.Out)
+	it.Reason = fmt.Sprintf("cannot leave its HSM (%s): a new key with its label, id and attributes is made on the target and its %d data keys are re-encrypted under it, %s", why, dk.Records, dk.Route())
 	block := func(format string, args ...any) {
 		it.Action, it.ReasonCode, it.Reason = Blocked, ReasonDataKeys, fmt.Sprintf(format, args...)
 	}
@@ -329,9 +332,17 @@ func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst hsm.Inventory, use
 	case !k.Attrs.Unwrap:
 		block("its data keys cannot be unwrapped: the key has unwrap=false; its owner %s can set unwrap=true if it is modifiable, then re-plan", k.Owner)
 	case dk.Bad > 0:
-		block("%s has %d bad line(s) (first: %s); fix or remove them, then re-plan", dk.In, dk.Bad, dk.Problem)
+		if dk.Table {
+			block("%s has %d row(s) rotate would reject (%s); fix them or narrow the address's filter, then re-plan", dk.In, dk.Bad, dk.Problem)
+		} else {
+			block("%s has %d bad line(s) (first: %s); fix or remove them, then re-plan", dk.In, dk.Bad, dk.Problem)
+		}
 	case dk.Records == 0:
-		block("%s holds no data keys; check the file, or give none and the key stays where it is", dk.In)
+		what := "the file"
+		if dk.Table {
+			what = "the table and the address's filter"
+		}
+		block("%s holds no data keys; check %s, or give none and the key stays where it is", dk.In, what)
 	case dst.Can.Users:
 		if missing := missingUsers(k.SharedWith, users); len(missing) > 0 {
 			block("shared with %s, who does not exist on the target; create the user there (keymig hsm user create) and re-plan", strings.Join(missing, ", "))

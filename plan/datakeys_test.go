@@ -112,3 +112,39 @@ func TestBuildDataKeysRefused(t *testing.T) {
 		t.Errorf("clones with --datakeys: %v", err)
 	}
 }
+
+// TestBuildDataKeyTable: a data-key table is rotated where it is, and its
+// rejected rows block the key with the table's words, not a file's.
+func TestBuildDataKeyTable(t *testing.T) {
+	nonExtractable := func(k *hsm.KeyInfo) { k.Attrs.Extractable = false; k.Attrs.Unwrap = true }
+	src := inv(info("src", "L1"), "alice", hsm.RoleCryptoUser, []string{"alice"},
+		aes(1, "a", "111", nonExtractable), aes(2, "b", "222", nonExtractable), aes(3, "c", "333", nonExtractable))
+	dst := inv(info("dst", "L2"), "alice", hsm.RoleCryptoUser, []string{"alice"})
+	addr := func(label string) string { return "postgres://app@db/prod?table=app." + label }
+	tables := []DataKeys{
+		{Label: "ka", In: addr("ka"), Table: true, Records: 10},
+		{Label: "kb", In: addr("kb"), Table: true, Records: 10, Bad: 3, Problem: "3 under master kcv 999"},
+		{Label: "kc", In: addr("kc"), Table: true},
+	}
+	p, err := Build(src, dst, Options{DataKeys: tables}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		ref    hsm.KeyRef
+		action Action
+		reason string
+	}{
+		{1, Rotate, "re-encrypted under it, in the table " + addr("ka")},
+		{2, Blocked, "has 3 row(s) rotate would reject (3 under master kcv 999); fix them or narrow the address's filter"},
+		{3, Blocked, "holds no data keys; check the table and the address's filter"},
+	} {
+		it := p.Items[tc.ref-1]
+		if it.Action != tc.action || !strings.Contains(it.Reason, tc.reason) {
+			t.Errorf("key %s: %s (%s), want %s with %q", it.Ref, it.Action, it.Reason, tc.action, tc.reason)
+		}
+	}
+	if r := p.Items[0].Rotation; r == nil || r.Out != r.In || r.Route() != "in the table "+addr("ka") {
+		t.Errorf("rotation %+v: want the table's own address as its output", r)
+	}
+}

@@ -158,6 +158,20 @@ type DataKeys struct {
 	Bad     int64  `json:"bad-lines"`
 	// Problem is the first bad line, with its number, when Bad > 0.
 	Problem string `json:"first-problem,omitempty"`
+	// Table says In is the address of a data-key table (a postgres:// URL
+	// naming the table, never with a password), rotated where it is: Out
+	// is the same address, Records the rows under the master when planned,
+	// Bad the rows rotate would reject. A live table has no SHA256.
+	Table bool `json:"table,omitempty"`
+}
+
+// Route says where the data keys are read and the rotated ones written,
+// for messages: "from FILE into FILE.rotated", "in the table ADDRESS".
+func (dk DataKeys) Route() string {
+	if dk.Table {
+		return "in the table " + dk.In
+	}
+	return fmt.Sprintf("from %s into %s", dk.In, dk.Out)
 }
 
 // Cluster records one side of the plan.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
+	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/runner"
@@ -74,6 +75,17 @@ func (r TableReport) Rate() float64 { return perSecond(r.Records, r.Elapsed) }
 type TableReject struct {
 	Key   string `json:"key"`
 	Error string `json:"error"`
+}
+
+// WriteTableRejects writes the rows set aside to path, one JSON object
+// (key and reason) per line, replacing the file atomically.
+func WriteTableRejects(path string, rejects []TableReject) error {
+	var b []byte
+	for _, r := range rejects {
+		line, _ := json.Marshal(r)
+		b = append(append(b, line...), '\n')
+	}
+	return atomicfile.WriteFile(path, b, 0o600)
 }
 
 // RowError is the error an in-place run stops with under OnError stop.

@@ -202,7 +202,7 @@ func runMigrate(ctx context.Context, e *env, o migrateOptions) error {
 	if p.Counts()[plan.Rotate] > 0 {
 		lanes := &rotationLanes{pair: pr, n: rotationLanesFor(p)}
 		defer lanes.close(ctx)
-		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64, OnError: o.OnError,
+		opts.Rotation = &migrate.Rotation{Lanes: lanes.open, Workers: 64, OnError: o.OnError, OpenTable: openPlannedTable,
 			SkipAdvice: "run migrate with --datakeys-on-error skip to set such records aside"}
 		if !o.NoProgress {
 			opts.Rotation.Progress = func(plan.Item) runner.Progress {
@@ -418,4 +418,14 @@ func printRows(w io.Writer, rows []migrate.Row) {
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
 	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// openPlannedTable opens a data-key table by the address its plan
+// recorded, making its output table or columns if they are missing.
+func openPlannedTable(ctx context.Context, address string) (rotate.Table, func(), error) {
+	st, err := openTable(ctx, address, tableOptions{}, rotateTable)
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, st.Close, nil
 }

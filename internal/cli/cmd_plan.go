@@ -18,6 +18,7 @@ import (
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/plan"
 	"github.com/keymig/keymig/rotate"
+	"github.com/keymig/keymig/rotate/pgstore"
 	"github.com/urfave/cli/v2"
 )
 
@@ -122,7 +123,7 @@ func planFlagError(err error) error {
 // planAdvice tells what to do about a blocked key with the flags of this CLI.
 func planAdvice(code string, it plan.Item) string {
 	if code == plan.ReasonNotExtractable {
-		return fmt.Sprintf("give its data keys with --datakeys %s=FILE to have migrate re-encrypt them under a new key on the target, or restore a backup into a clone and sync it", it.Label)
+		return fmt.Sprintf("give its data keys with --datakeys %s=FILE (or =postgres://USER@HOST/DB?table=SCHEMA.TABLE) to have migrate re-encrypt them under a new key on the target, or restore a backup into a clone and sync it", it.Label)
 	}
 	return ""
 }
@@ -151,7 +152,7 @@ func runPlan(ctx context.Context, e *env, o planOptions) error {
 	if err != nil {
 		return err
 	}
-	if err := scanDataKeys(dataKeys, src.Keys); err != nil {
+	if err := scanDataKeys(ctx, dataKeys, src.Keys, dst.Keys); err != nil {
 		return err
 	}
 	opts.DataKeys = dataKeys
@@ -229,7 +230,7 @@ func printPlanSummary(w io.Writer, s planSummary) error {
 			if it.TargetRef != 0 {
 				made = fmt.Sprintf(" (new master %s already made)", it.TargetRef)
 			}
-			fmt.Fprintf(w, "  %s %q: %d data keys, %s → %s%s\n", it.Ref, it.Label, it.Rotation.Records, it.Rotation.In, it.Rotation.Out, made)
+			fmt.Fprintf(w, "  %s %q: %d data keys, %s%s\n", it.Ref, it.Label, it.Rotation.Records, it.Rotation.Route(), made)
 		}
 	}
 	if len(s.NotPreserved) > 0 {
@@ -323,7 +324,15 @@ func parseDataKeys(vals []string) ([]plan.DataKeys, error) {
 	for _, v := range vals {
 		label, file, ok := strings.Cut(v, "=")
 		if !ok || label == "" || file == "" {
-			return nil, fmt.Errorf("--datakeys %q: want LABEL=FILE, the master key's label and its data-key file (JSON Lines)", v)
+			return nil, fmt.Errorf("--datakeys %q: want LABEL=FILE, the master key's label and its data-key file (JSON Lines), or LABEL=postgres://USER@HOST/DB?table=SCHEMA.TABLE", pgstore.Redact(v))
+		}
+		if pgstore.IsURL(file) {
+			dk, err := dataKeyTable(label, file)
+			if err != nil {
+				return nil, fmt.Errorf("--datakeys %s=%s: %w", label, pgstore.Redact(file), err)
+			}
+			out = append(out, dk)
+			continue
 		}
 		if _, err := os.Stat(file); err != nil {
 			return nil, fmt.Errorf("--datakeys %s: %w", v, err)
@@ -333,11 +342,27 @@ func parseDataKeys(vals []string) ([]plan.DataKeys, error) {
 	return out, nil
 }
 
+// dataKeyTable checks a data-key table's address for the plan file, which
+// records it: the table named in it, no password.
+func dataKeyTable(label, raw string) (plan.DataKeys, error) {
+	if pgstore.HasPassword(raw) {
+		return plan.DataKeys{}, errors.New("the plan file records this address, so it must not hold a password: put the password in PGPASSWORD, PGPASSFILE or ~/.pgpass")
+	}
+	connURL, o, err := pgstore.ParseAddress(raw)
+	if err != nil {
+		return plan.DataKeys{}, err
+	}
+	if o.Table == "" {
+		return plan.DataKeys{}, errors.New("name the table in the address: add table=SCHEMA.TABLE to its query")
+	}
+	return plan.DataKeys{Label: label, In: pgstore.Address(connURL, o), Table: true}, nil
+}
+
 // scanDataKeys reads each data-key file once: its records, its bad lines
 // (checked against the source key with its label) and its SHA-256. A
 // label that is on no source key, or on several, is left to plan.Build to
 // report.
-func scanDataKeys(dks []plan.DataKeys, srcKeys []hsm.KeyInfo) error {
+func scanDataKeys(ctx context.Context, dks []plan.DataKeys, srcKeys, dstKeys []hsm.KeyInfo) error {
 	for i := range dks {
 		dk := &dks[i]
 		var masters []hsm.KeyInfo
@@ -349,6 +374,12 @@ func scanDataKeys(dks []plan.DataKeys, srcKeys []hsm.KeyInfo) error {
 		if len(masters) != 1 {
 			continue
 		}
+		if dk.Table {
+			if err := censusDataKeys(ctx, dk, masters[0], dstKeys); err != nil {
+				return fmt.Errorf("--datakeys %s=%s: %w", dk.Label, dk.In, err)
+			}
+			continue
+		}
 		rep, err := rotate.Scan(dk.In, masters[0])
 		if err != nil {
 			return fmt.Errorf("--datakeys %s=%s: %w", dk.Label, dk.In, err)
@@ -358,5 +389,47 @@ func scanDataKeys(dks []plan.DataKeys, srcKeys []hsm.KeyInfo) error {
 			dk.Problem = rep.Problems[0]
 		}
 	}
+	return nil
+}
+
+// censusDataKeys counts a data-key table's rows for the plan: those under
+// the master to rotate, and those rotate would reject (a NULL, an unknown
+// alg, another master). Rows under a key of the target with the master's
+// label (a new master an earlier run made) are already rotated.
+func censusDataKeys(ctx context.Context, dk *plan.DataKeys, master hsm.KeyInfo, dstKeys []hsm.KeyInfo) error {
+	st, _, err := openTableView(ctx, dk.In, tableOptions{})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	census, err := st.Census(ctx)
+	if err != nil {
+		return err
+	}
+	rotated := map[string]bool{}
+	for _, k := range dstKeys {
+		if k.Label == master.Label {
+			rotated[k.KCV.String()] = true
+		}
+	}
+	var problems []string
+	for _, c := range census {
+		switch {
+		case rotated[c.KCV]:
+		case c.KCV != master.KCV.String():
+			dk.Bad += c.Rows
+			problems = append(problems, fmt.Sprintf("%d under master kcv %s, not %q's %s: narrow the address's filter=COLUMN=VALUE to this master's rows", c.Rows, orDash(c.KCV), master.Label, master.KCV))
+		case c.Alg != rotate.AlgKWP && c.Alg != rotate.AlgGCM:
+			dk.Bad += c.Rows
+			problems = append(problems, fmt.Sprintf("%d with alg %q", c.Rows, c.Alg))
+		default:
+			dk.Records += c.Rows - c.Nulls
+			if c.Nulls > 0 {
+				dk.Bad += c.Nulls
+				problems = append(problems, fmt.Sprintf("%d with a NULL column", c.Nulls))
+			}
+		}
+	}
+	dk.Problem = strings.Join(problems, "; ")
 	return nil
 }

@@ -2,13 +2,11 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"time"
 
-	"github.com/keymig/keymig/internal/atomicfile"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/rotate"
 	"github.com/keymig/keymig/rotate/pgstore"
@@ -76,10 +74,10 @@ func (t tableOptions) resolve(raw string) (string, pgstore.Options, error) {
 	}
 	d := pgstore.DefaultColumns
 	for _, m := range []struct {
-		name      string
-		flag      string
-		dst       *string
-		def       string
+		name string
+		flag string
+		dst  *string
+		def  string
 	}{
 		{"table", t.Table, &o.Table, ""}, {"out-table", t.OutTable, &o.OutTable, ""}, {"out-column", t.OutColumn, &o.OutColumn, ""},
 		{"id-column", t.Columns.ID, &o.Columns.ID, d.ID}, {"master-label-column", t.Columns.MasterLabel, &o.Columns.MasterLabel, d.MasterLabel},
@@ -115,9 +113,9 @@ func (t tableOptions) notForFiles(flag, path string) error {
 type tableUse int
 
 const (
-	readTable    tableUse = iota // read it as it is
-	rotateTable                  // rotate it: make its output table or columns if missing
-	createTable                  // make it and fill it
+	readTable   tableUse = iota // read it as it is
+	rotateTable                 // rotate it: make its output table or columns if missing
+	createTable                 // make it and fill it
 )
 
 // openTable opens the table at raw for use.
@@ -141,23 +139,38 @@ func openTable(ctx context.Context, raw string, t tableOptions, use tableUse) (*
 	return pgstore.Open(ctx, connURL, o)
 }
 
+// openTableView opens a table to read as a rotation would see it. When
+// its output table or columns are not made yet, every row is as the table
+// holds it, and note says so.
+func openTableView(ctx context.Context, raw string, t tableOptions) (st *pgstore.Store, note string, err error) {
+	connURL, o, err := t.resolve(raw)
+	if err != nil {
+		return nil, "", err
+	}
+	st, err = pgstore.Open(ctx, connURL, o)
+	if errors.Is(err, pgstore.ErrNoOutput) {
+		note = err.Error() + ": rotate makes it"
+		o.OutTable, o.OutColumn = "", ""
+		st, err = pgstore.Open(ctx, connURL, o)
+	}
+	return st, note, err
+}
+
 // runRotateTable rotates a PostgreSQL table in place.
 func runRotateTable(ctx context.Context, e *env, o rotateOptions, alg string) error {
 	stdout, stderr := e.stdout, e.stderr
 	if o.Out != "" {
-		return fmt.Errorf("--out %s: a postgres:// --in is rotated in place; leave out --out", o.Out)
+		return fmt.Errorf("--out %s: a postgres:// --in is rotated in place, or to --out-table or --out-column; leave out --out", o.Out)
 	}
-	use := rotateTable
+	var st *pgstore.Store
+	var err error
 	if o.DryRun {
-		use = readTable
-	}
-	st, err := openTable(ctx, o.In, o.tableOptions, use)
-	if o.DryRun && errors.Is(err, pgstore.ErrNoOutput) {
-		// Nothing rotated to it yet: every row is as the table holds it.
-		fmt.Fprintf(stdout, "%v: rotate makes it\n", err)
-		t := o.tableOptions
-		t.OutTable, t.OutColumn = "", ""
-		st, err = openTable(ctx, o.In, t, readTable)
+		var note string
+		if st, note, err = openTableView(ctx, o.In, o.tableOptions); note != "" {
+			fmt.Fprintln(stdout, note)
+		}
+	} else {
+		st, err = openTable(ctx, o.In, o.tableOptions, rotateTable)
 	}
 	if err != nil {
 		return err
@@ -196,7 +209,7 @@ func runRotateTable(ctx context.Context, e *env, o rotateOptions, alg string) er
 	rep, err := rotate.RunTable(ctx, j, cfg)
 	err = masterFlag(err)
 	if rep.Rejected > 0 {
-		if werr := writeRejects(o.Rejects, rep.Rejects); werr != nil && err == nil {
+		if werr := rotate.WriteTableRejects(o.Rejects, rep.Rejects); werr != nil && err == nil {
 			err = werr
 		}
 	}
@@ -215,16 +228,6 @@ func runRotateTable(ctx context.Context, e *env, o rotateOptions, alg string) er
 		return errInterrupted
 	}
 	return err
-}
-
-// writeRejects writes the rows set aside, one JSON object per line.
-func writeRejects(path string, rejects []rotate.TableReject) error {
-	var b []byte
-	for _, r := range rejects {
-		line, _ := json.Marshal(r)
-		b = append(append(b, line...), '\n')
-	}
-	return atomicfile.WriteFile(path, b, 0o600)
 }
 
 func printTableReport(w io.Writer, out outputFormat, rep rotate.TableReport, where, journalPath, rejects string) error {

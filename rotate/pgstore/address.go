@@ -96,6 +96,9 @@ func Address(connURL string, o Options) string {
 		q.Add("filter", f.Column+"="+f.Value)
 	}
 	u.RawQuery = encodeOrdered(q)
+	if u.Host == "" && u.Path == "" {
+		u.Path = "/" // else String drops the "//" and the scheme's form
+	}
 	return u.String()
 }
 
