@@ -23,7 +23,7 @@ test: vet
 	GORACE=atexit_sleep_ms=0 KEYMIG_WYCHEPROOF_SUMMARY=$(CURDIR)/bin/wycheproof.txt $(GO) test -race -count=1 ./...
 	@cat bin/wycheproof.txt
 
-# Random SIGKILLs by timer, seeded, across migrate, rotate and synckey
+# Random SIGKILLs by timer, seeded, across migrate, rotate, synckey and an in-place table rotation
 # (KEYMIG_TORTURE_SEED=N replays a seed, KEYMIG_TORTURE_KILLS sets the kills per job).
 torture:
 	KEYMIG_TORTURE=1 $(GO) test -count=1 -run 'TestTorture' -timeout 60m -v ./internal/crashtest/

@@ -50,6 +50,12 @@ func TestTorture(t *testing.T) {
 			f := newSyncFixture(t, envInt("KEYMIG_TORTURE_KEYS", 2000))
 			return func() killCase { return f.sync(t) }
 		}},
+		// An in-place rotation of a PostgreSQL table (skipped, or failed
+		// under KEYMIG_REQUIRE_POSTGRES=1, without PostgreSQL).
+		{"rotate-table", func(t *testing.T) func() killCase {
+			f := newTableFixture(t, envInt("KEYMIG_TORTURE_ROWS", 20_000))
+			return func() killCase { return f.rotation(t) }
+		}},
 	}
 	for i, job := range jobs {
 		t.Run(job.name, func(t *testing.T) {
