@@ -153,7 +153,11 @@ func (m *Member) transportErr(ctx context.Context, op string, err error) error {
 	if errors.As(err, &ve) {
 		return hsm.Errorf(hsm.CodePermission, op, 0, "TLS handshake refused: %s", ve.Msg)
 	}
-	if msg := pki.ExplainRemote(err, m.id, m.addr); msg != "" {
+	msg := pki.ExplainRemote(err, m.id, m.addr)
+	if msg == "" && m.tr.TLSClientConfig != nil && strings.Contains(err.Error(), "could not be established") {
+		msg = m.diagnose(ctx)
+	}
+	if msg != "" {
 		return hsm.Errorf(hsm.CodePermission, op, 0, "TLS handshake refused: %s", msg)
 	}
 	var ue interface{ Unwrap() error }
@@ -163,6 +167,28 @@ func (m *Member) transportErr(ctx context.Context, op string, err error) error {
 		}
 	}
 	return hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s is unreachable: %v; retry, or check that its daemon (keymig hsm serve) runs", m.id, m.addr, err)
+}
+
+// diagnose finds out why a connection could not be established when the
+// HTTP/2 transport does not say: in TLS 1.3 a server refuses a client's
+// certificate after the client's side of the handshake is done, with an
+// alert the client reads only at its first read, which the transport
+// reports as a failure to set up the connection. It dials once more and
+// reads the server's first bytes to learn the alert.
+func (m *Member) diagnose(ctx context.Context) string {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	d := tls.Dialer{Config: m.tr.TLSClientConfig.Clone()}
+	c, err := d.DialContext(ctx, "tcp", m.addr)
+	if err != nil {
+		return pki.ExplainRemote(err, m.id, m.addr)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetReadDeadline(dl)
+	}
+	_, err = c.Read(make([]byte, 1))
+	return pki.ExplainRemote(err, m.id, m.addr)
 }
 
 // stream makes a streamed listing, calling fn for each item.
