@@ -98,11 +98,24 @@ func issuerOf(chain []*x509.Certificate) string {
 	return chain[len(chain)-1].Issuer.CommonName
 }
 
+// ServerTLS says how an HSM daemon serves TLS.
+type ServerTLS struct {
+	HSM KeyPair // the HSM's certificate chain and key (IssueHSM)
+	// Enforce requires client certificates, issued by ClientAnchorPEM, or
+	// by PeerAnchorPEM for the cluster's other HSMs.
+	Enforce         bool
+	ClientAnchorPEM []byte
+	// PeerAnchorPEM is the customer CA: another HSM of the cluster, which
+	// syncs keys with this one, presents its own certificate, which chains
+	// to it and names an HSM id.
+	PeerAnchorPEM []byte
+}
+
 // ServerConfig is the TLS configuration of an HSM daemon: TLS 1.3, its
-// certificate chain, and, when enforce is set, client certificates required
-// and verified against the client trust anchor.
-func ServerConfig(hsm KeyPair, clientAnchorPEM []byte, enforce bool) (*tls.Config, error) {
-	c, err := tls.X509KeyPair(hsm.CertPEM, hsm.KeyPEM)
+// certificate chain, and, when enforcement is on, client certificates
+// required and verified.
+func ServerConfig(o ServerTLS) (*tls.Config, error) {
+	c, err := tls.X509KeyPair(o.HSM.CertPEM, o.HSM.KeyPEM)
 	if err != nil {
 		return nil, fmt.Errorf("HSM certificate: %w", err)
 	}
@@ -111,13 +124,15 @@ func ServerConfig(hsm KeyPair, clientAnchorPEM []byte, enforce bool) (*tls.Confi
 		Certificates: []tls.Certificate{c},
 		NextProtos:   []string{"h2"},
 	}
-	if !enforce {
+	if !o.Enforce {
 		return cfg, nil
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(clientAnchorPEM) {
+	clients := x509.NewCertPool()
+	if !clients.AppendCertsFromPEM(o.ClientAnchorPEM) {
 		return nil, errors.New("mutual TLS enforcement is on but no client trust anchor is registered: run keymig hsm mtls register-trust-anchor")
 	}
+	peers := x509.NewCertPool()
+	hasPeers := peers.AppendCertsFromPEM(o.PeerAnchorPEM)
 	cfg.ClientAuth = tls.RequireAnyClientCert
 	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
 		if len(cs.PeerCertificates) == 0 {
@@ -128,10 +143,17 @@ func ServerConfig(hsm KeyPair, clientAnchorPEM []byte, enforce bool) (*tls.Confi
 		for _, c := range cs.PeerCertificates[1:] {
 			inter.AddCert(c)
 		}
-		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-			return refuse("client certificate %q is not issued by the registered client trust anchor: %v", leaf.Subject.CommonName, err)
+		usage := []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+		_, err := leaf.Verify(x509.VerifyOptions{Roots: clients, Intermediates: inter, KeyUsages: usage})
+		if err == nil {
+			return nil
 		}
-		return nil
+		if hasPeers && HSMIDOf(leaf) != "" {
+			if _, perr := leaf.Verify(x509.VerifyOptions{Roots: peers, Intermediates: inter, KeyUsages: usage}); perr == nil {
+				return nil
+			}
+		}
+		return refuse("client certificate %q is not issued by the registered client trust anchor: %v", leaf.Subject.CommonName, err)
 	}
 	return cfg, nil
 }

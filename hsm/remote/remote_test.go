@@ -75,7 +75,7 @@ func (p *testPKI) serve(t testing.TB, m cluster.Member, certID string, o pki.Opt
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := pki.ServerConfig(kp, clientAnchor, clientAnchor != nil)
+	cfg, err := pki.ServerConfig(pki.ServerTLS{HSM: kp, Enforce: clientAnchor != nil, ClientAnchorPEM: clientAnchor, PeerAnchorPEM: p.ca.CertPEM})
 	if err != nil {
 		t.Fatal(err)
 	}

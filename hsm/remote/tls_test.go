@@ -84,6 +84,22 @@ func TestTLSRefusals(t *testing.T) {
 			t.Fatalf("a client certificate from the registered anchor was refused: %v", err)
 		}
 	})
+	t.Run("PeerHSMUnderEnforcement", func(t *testing.T) {
+		n := newNode(t, node.Options{})
+		addr := p.serve(t, n, n.ID(), pki.Options{}, clientCA.CertPEM)
+		peer, err := pki.IssueHSM(p.cluster, "hsm-peer", "127.0.0.1:1", pki.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.client(t, n.ID(), addr, &peer).Login(ctxT(t), officer); err != nil {
+			t.Fatalf("another HSM of the cluster, with its own certificate, was refused: %v", err)
+		}
+		foreign, err := pki.IssueHSM(newPKI(t).cluster, "hsm-peer", "127.0.0.1:1", pki.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, p.client(t, n.ID(), addr, &foreign), "refused this client's certificate")
+	})
 	t.Run("TLS12Refused", func(t *testing.T) {
 		n := newNode(t, node.Options{})
 		addr := p.serve(t, n, n.ID(), pki.Options{}, nil)

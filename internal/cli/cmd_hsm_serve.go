@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/keymig/keymig/hsm/node"
 	"github.com/keymig/keymig/hsm/pki"
 	"github.com/keymig/keymig/hsm/server"
@@ -29,6 +30,14 @@ type hsmServeOptions struct {
 	HSM       string // one HSM; empty serves every HSM of Dir
 	ReadyFile string // written once every HSM listens: one "serving HSM ID on ADDR" line each
 	LogFormat string // overrides the global --log-format when set
+	// SyncEvery is the mean period of the automatic anti-entropy pass; 0
+	// runs it only at start and when a peer HSM comes back.
+	SyncEvery time.Duration
+	// PeerCheckEvery is how often peers are pinged to notice one coming
+	// back; 0 means a second.
+	PeerCheckEvery time.Duration
+	// synced, if set, is called after every anti-entropy pass (tests).
+	synced func(reason string, rep cluster.SyncReport, err error)
 }
 
 // hsmServeCommand is `keymig hsm serve`.
@@ -44,6 +53,10 @@ with its connection. A second serve of the same HSM is refused, naming the
 daemon that holds it. SIGTERM (or Ctrl-C) drains the calls in flight and
 exits 0.
 
+Every few seconds (--sync-every, jittered), and at once when a peer HSM comes
+back, the daemons run the anti-entropy pass: keys and users missing on an HSM
+are copied to it from its peers, with no keymig hsm sync by hand.
+
 When every HSM listens, serve prints "serving HSM ID on ADDR (pid N)" for each, to
 stdout and to --ready-file if given, so that scripts wait for that marker.
 
@@ -54,13 +67,16 @@ Example:
 			&cli.StringFlag{Name: "hsm", Usage: "serve only the HSM `ID` (default: every HSM of DIR)"},
 			&cli.StringFlag{Name: "ready-file", Usage: "once listening, write one line per HSM served to `FILE`"},
 			&cli.StringFlag{Name: "log-format", Usage: "log format on stderr: text or json (default: the global --log-format)"},
+			&cli.DurationFlag{Name: "sync-every", Value: 5 * time.Second, Usage: "run the anti-entropy pass about this often, jittered (0: only at start and when a peer comes back)"},
+			&cli.DurationFlag{Name: "peer-check-every", Value: time.Second, Usage: "ping the peer HSMs this often to notice one coming back"},
 		},
 		Action: func(c *cli.Context) error {
 			if err := noArgs(c); err != nil {
 				return err
 			}
 			return runHSMServe(c.Context, e, hsmServeOptions{Dir: c.String("dir"), HSM: c.String("hsm"),
-				ReadyFile: c.String("ready-file"), LogFormat: c.String("log-format")})
+				ReadyFile: c.String("ready-file"), LogFormat: c.String("log-format"), SyncEvery: c.Duration("sync-every"),
+				PeerCheckEvery: c.Duration("peer-check-every")})
 		},
 	}
 }
@@ -131,6 +147,11 @@ func runHSMServe(ctx context.Context, e *env, o hsmServeOptions) (err error) {
 	fmt.Fprint(e.stdout, ready.String())
 	log.Info("serving", "cluster", info.ID, "hsms", len(all), "mtls-enforcement", n.MTLSEnforcement)
 
+	stopSync, err := startAntiEntropy(ctx, o, n, all, log)
+	if err != nil {
+		return err
+	}
+	defer stopSync()
 	for _, s := range all {
 		select {
 		case err := <-s.done:
@@ -140,6 +161,7 @@ func runHSMServe(ctx context.Context, e *env, o hsmServeOptions) (err error) {
 	}
 	<-ctx.Done()
 	log.Info("stopping: draining calls in flight", "timeout", drainTimeout.String())
+	stopSync()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), drainTimeout)
 	defer cancel()
 	for _, s := range all {
@@ -170,7 +192,11 @@ func startServing(dir, id string, n *networkConfig, kdf int, clientAnchor []byte
 	if err != nil {
 		return s, fmt.Errorf("cluster %s: HSM %s has no TLS certificate (finish the initialisation with keymig hsm init --signed-cert): %w", dir, id, err)
 	}
-	cfg, err := pki.ServerConfig(kp, clientAnchor, clientAnchor != nil)
+	anchor, err := os.ReadFile(tlsPath(dir, trustAnchorFile))
+	if err != nil {
+		return s, fmt.Errorf("cluster %s: trust anchor: %w", dir, err)
+	}
+	cfg, err := pki.ServerConfig(pki.ServerTLS{HSM: kp, Enforce: clientAnchor != nil, ClientAnchorPEM: clientAnchor, PeerAnchorPEM: anchor})
 	if err != nil {
 		return s, fmt.Errorf("cluster %s: HSM %s: %w", dir, id, err)
 	}
