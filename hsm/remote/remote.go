@@ -154,7 +154,7 @@ func (m *Member) transportErr(ctx context.Context, op string, err error) error {
 		return hsm.Errorf(hsm.CodePermission, op, 0, "TLS handshake refused: %s", ve.Msg)
 	}
 	msg := pki.ExplainRemote(err, m.id, m.addr)
-	if msg == "" && m.tr.TLSClientConfig != nil && strings.Contains(err.Error(), "could not be established") {
+	if msg == "" && m.tr.TLSClientConfig != nil && refusedEarly(err) {
 		msg = m.diagnose(ctx)
 	}
 	if msg != "" {
@@ -167,6 +167,14 @@ func (m *Member) transportErr(ctx context.Context, op string, err error) error {
 		}
 	}
 	return hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s is unreachable: %v; retry, or check that its daemon (keymig hsm serve) runs", m.id, m.addr, err)
+}
+
+// refusedEarly reports whether err may hide a server's refusal of the
+// handshake: the transport gave up on the new connection, or the server
+// closed it under the client's first write.
+func refusedEarly(err error) bool {
+	s := err.Error()
+	return strings.Contains(s, "could not be established") || strings.Contains(s, "broken pipe") || strings.Contains(s, "connection reset by peer")
 }
 
 // diagnose finds out why a connection could not be established when the
