@@ -257,6 +257,19 @@ func (m *Member) SetFaultContext(ctx context.Context, f hsm.Fault) error {
 	return m.call(ctx, wire.OpSetFault, "", &wire.Call{Fault: &f}, &wire.Result{})
 }
 
+// Fault returns the fault last injected into the served HSM (fail-next as
+// it was set, not what is left of it).
+func (m *Member) Fault(ctx context.Context) (hsm.Fault, error) {
+	var out wire.Result
+	if err := m.call(ctx, wire.OpGetFault, "", &wire.Call{}, &out); err != nil {
+		return hsm.Fault{}, err
+	}
+	if out.Fault == nil {
+		return hsm.Fault{}, nil
+	}
+	return *out.Fault, nil
+}
+
 // VerifyAudit checks the HSM's audit chain, where it lives.
 func (m *Member) VerifyAudit() (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), untimedCallTimeout)

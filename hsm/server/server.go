@@ -63,6 +63,7 @@ type Server struct {
 	mu       sync.Mutex
 	sessions map[string]*session
 	conns    map[net.Conn]*conn
+	fault    hsm.Fault // the fault last set through this server
 }
 
 // conn is one client connection and the sessions opened on it.
@@ -328,7 +329,17 @@ func (s *Server) dispatch(ctx context.Context, r *http.Request, op string, in *w
 			return err
 		}
 		m.SetFault(f)
+		s.mu.Lock()
+		s.fault = f
+		s.mu.Unlock()
 		s.log.Info("fault set", "fault", f.String())
+		out.Fault = &f
+		return nil
+	case wire.OpGetFault:
+		s.mu.Lock()
+		f := s.fault
+		s.mu.Unlock()
+		out.Fault = &f
 		return nil
 	case wire.OpVerifyAudit:
 		n, err := m.VerifyAudit()

@@ -26,6 +26,7 @@ const (
 	OpLogin              = "login"
 	OpBootstrap          = "bootstrap"
 	OpSetFault           = "set-fault"
+	OpGetFault           = "get-fault"
 	OpVerifyAudit        = "verify-audit"
 	OpAudit              = "audit" // streamed
 	OpPeerListKeys       = "peer-list-keys"
