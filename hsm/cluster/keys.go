@@ -148,6 +148,9 @@ func (s *session) ListKeys(ctx context.Context, f hsm.Filter) ([]hsm.KeyInfo, er
 	if err != nil {
 		return nil, err
 	}
+	if err := s.c.checkSuspects(answered); err != nil {
+		return nil, err
+	}
 	return s.c.merge(listings, answered), nil
 }
 

@@ -166,8 +166,26 @@ func (m *Member) transportErr(ctx context.Context, op string, err error) error {
 			err = inner
 		}
 	}
-	return hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s is unreachable: %v; retry, or check that its daemon (keymig hsm serve) runs", m.id, m.addr, err)
+	he := hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s is unreachable: %v; retry, or check that its daemon (keymig hsm serve) runs", m.id, m.addr, err)
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Op == "dial" {
+		return he // never connected: the HSM did nothing
+	}
+	return &lostAnswer{he}
 }
+
+// lostAnswer is a call whose connection broke after it may have been sent:
+// the HSM may have done it. It is an unavailable error, and tells the
+// cluster not to make a key again elsewhere (cluster.Member).
+type lostAnswer struct{ err *hsm.Error }
+
+func (e *lostAnswer) Error() string { return e.err.Error() }
+
+// Unwrap returns the unavailable error.
+func (e *lostAnswer) Unwrap() error { return e.err }
+
+// OutcomeUnknown reports that the HSM may have done the call.
+func (e *lostAnswer) OutcomeUnknown() bool { return true }
 
 // refusedEarly reports whether err may hide a server's refusal of the
 // handshake: the transport gave up on the new connection, or the server
