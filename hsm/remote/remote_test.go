@@ -166,6 +166,7 @@ func TestConformance(t *testing.T) {
 type servedHSMs struct {
 	t     testing.TB
 	p     *testPKI
+	wrap  func(cluster.Member) cluster.Member // what the server serves; nil: the node
 	mu    sync.Mutex
 	nodes map[string]*node.Node
 	addrs map[string]string
@@ -180,7 +181,11 @@ func (s *servedHSMs) Create(dir string, spec cluster.MemberSpec) (cluster.Member
 		return nil, err
 	}
 	s.t.Cleanup(func() { n.Close() })
-	addr := s.p.serve(s.t, n, spec.ID, pki.Options{}, nil)
+	var served cluster.Member = n
+	if s.wrap != nil {
+		served = s.wrap(n)
+	}
+	addr := s.p.serve(s.t, served, spec.ID, pki.Options{}, nil)
 	s.mu.Lock()
 	s.nodes[spec.ID], s.addrs[spec.ID] = n, addr
 	s.mu.Unlock()
@@ -196,9 +201,12 @@ func (s *servedHSMs) Open(dir string, spec cluster.MemberSpec, _ time.Duration) 
 
 func (s *servedHSMs) Remove(dir, id string) error { return nil }
 
-func newServedCluster(t *testing.T, n int) (*cluster.Cluster, *servedHSMs) {
+func newServedCluster(t *testing.T, n int, wrap ...func(cluster.Member) cluster.Member) (*cluster.Cluster, *servedHSMs) {
 	t.Helper()
 	s := &servedHSMs{t: t, p: thePKI(t), nodes: map[string]*node.Node{}, addrs: map[string]string{}}
+	if len(wrap) > 0 {
+		s.wrap = wrap[0]
+	}
 	c, err := cluster.Init(context.Background(), cluster.InitOptions{Dir: filepath.Join(t.TempDir(), "c"), HSMs: n, Officer: officer, KDFIterations: testKDF, KeyCapacity: 250, Members: s})
 	if err != nil {
 		t.Fatal(err)
