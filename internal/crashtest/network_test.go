@@ -175,3 +175,57 @@ func TestMigrateTargetDaemonKilled(t *testing.T) {
 		})
 	}
 }
+
+// TestTwoClientsMigrateIntoOneNetworkedCluster: two clients, each with its
+// own client directory, migrate two different plans into one networked
+// cluster at the same time; both finish and nothing is lost.
+func TestTwoClientsMigrateIntoOneNetworkedCluster(t *testing.T) {
+	t.Parallel()
+	dir := keymigtest.TempDir(t)
+	dst := filepath.Join(dir, "dst")
+	ids := networkedTarget(t, dst, 2)
+	d := startKeymig(t, "", "hsm", "serve", "--dir", dst, "--ready-file", filepath.Join(dir, "ready"))
+	d.waitMarker(filepath.Join(dir, "ready"), len(ids))
+	want := map[string]hsm.Bytes{}
+	var plans []string
+	for _, c := range []string{"a", "b"} {
+		src, app := filepath.Join(dir, "src-"+c), filepath.Join(dir, "app-"+c)
+		testcluster.New(t, src, 2)
+		for id, kcv := range testcluster.GenerateAES(t, src, "k"+c, 30, nil) {
+			want[id] = kcv
+		}
+		keymigAs(t, nil, "hsm", "client-config", "--cluster", dst, "--out", app)
+		plan := filepath.Join(dir, "plan-"+c+".json")
+		must(t, 2, "plan", "--source", src, "--target", app, "--transport", "session-kek", "--out", plan)
+		plans = append(plans, plan)
+	}
+	var migs []*running
+	for _, plan := range plans {
+		migs = append(migs, startKeymig(t, "", "migrate", "--plan", plan, "--workers", "8", "--no-progress"))
+	}
+	for _, m := range migs {
+		if r := m.wait(); r.code != 0 {
+			t.Fatalf("a concurrent migration: %s", r)
+		}
+	}
+	got := map[string]int{}
+	for _, k := range listKeys(t, filepath.Join(dir, "app-a")) {
+		id := k.ID.String()
+		got[id]++
+		if w, ok := want[id]; !ok || w.String() != k.KCV.String() || k.Coverage.Count() < 2 {
+			t.Errorf("key %s (id %s, KCV %s, %s): not one of the migrated keys with its KCV on 2 HSMs", k.Ref, id, k.KCV, k.Coverage)
+		}
+	}
+	for id := range want {
+		if got[id] != 1 {
+			t.Errorf("key id %s is on the target %d times, want once", id, got[id])
+		}
+	}
+	for _, plan := range plans {
+		checkJournal(t, journal.DefaultPath(plan))
+	}
+	d.signal(syscall.SIGTERM)
+	if r := d.wait(); r.code != 0 {
+		t.Errorf("serve after SIGTERM: %s", r)
+	}
+}
