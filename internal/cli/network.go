@@ -28,6 +28,8 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
+	"syscall"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
@@ -125,7 +127,7 @@ func readClientConfig(dir string) (*clientConfig, error) {
 // of client.json for a client directory.
 func clusterMembers(dir string) (cluster.Opener, error) {
 	if !isClientDir(dir) {
-		return nil, nil
+		return nil, refuseIfServed(dir)
 	}
 	cc, err := readClientConfig(dir)
 	if err != nil {
@@ -175,4 +177,28 @@ func writeJSONFile(path string, v any) error {
 		return err
 	}
 	return atomicfile.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// refuseIfServed refuses to open the HSM files of a cluster directory
+// that keymig hsm serve holds, naming the daemon, rather than wait for
+// their locks: such a cluster is reached through a client directory.
+func refuseIfServed(dir string) error {
+	paths, _ := filepath.Glob(filepath.Join(dir, "*.serve"))
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
+		f.Close() // closing releases a lock we took
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			holder := "a keymig hsm serve daemon"
+			if h, ok := readServeHolder(p); ok {
+				holder = fmt.Sprintf("keymig hsm serve, pid %d on %s at %s", h.PID, h.Host, h.Addr)
+			}
+			return fmt.Errorf("cluster %s: HSM %s is served by %s; reach the cluster through a client directory (keymig hsm client-config --cluster %s --out DIR)",
+				dir, strings.TrimSuffix(filepath.Base(p), ".serve"), holder, dir)
+		}
+	}
+	return nil
 }
