@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -94,6 +96,32 @@ func listKeys(t *testing.T, app string) []hsm.KeyInfo {
 	return out.Keys
 }
 
+// checkNetworkedTarget checks every wanted key is on the target once, with
+// its check value, on at least 2 HSMs, and nothing else is.
+func checkNetworkedTarget(t *testing.T, app string, want map[string]hsm.Bytes) {
+	t.Helper()
+	got := map[string]int{}
+	for _, k := range listKeys(t, app) {
+		id := k.ID.String()
+		if _, ok := want[id]; !ok {
+			t.Errorf("unexpected key %s (%q, id %s) on the target", k.Ref, k.Label, id)
+			continue
+		}
+		got[id]++
+		if k.KCV.String() != want[id].String() {
+			t.Errorf("key id %s: KCV %s, want %s", id, k.KCV, want[id])
+		}
+		if k.Coverage.Count() < 2 {
+			t.Errorf("key id %s is on %d HSMs: %s", id, k.Coverage.Count(), k.Coverage)
+		}
+	}
+	for id := range want {
+		if got[id] != 1 {
+			t.Errorf("key id %s is on the target %d times, want exactly once", id, got[id])
+		}
+	}
+}
+
 // TestMigrateTargetDaemonKilled migrates into a networked 3-HSM cluster
 // and kills one of its daemons with SIGKILL at a failpoint in the middle
 // (an HSM that committed a key whose answer never left), then restarts
@@ -130,26 +158,7 @@ func TestMigrateTargetDaemonKilled(t *testing.T) {
 				must(t, 0, "migrate", "--plan", plan, "--workers", "4", "--no-progress")
 			}
 
-			got := map[string]int{}
-			for _, k := range listKeys(t, app) {
-				id := k.ID.String()
-				if _, ok := want[id]; !ok {
-					t.Errorf("unexpected key %s (%q, id %s) on the target", k.Ref, k.Label, id)
-					continue
-				}
-				got[id]++
-				if k.KCV.String() != want[id].String() {
-					t.Errorf("key id %s: KCV %s, want %s", id, k.KCV, want[id])
-				}
-				if k.Coverage.Count() < 2 {
-					t.Errorf("key id %s is on %d HSMs: %s", id, k.Coverage.Count(), k.Coverage)
-				}
-			}
-			for id := range want {
-				if got[id] != 1 {
-					t.Errorf("key id %s is on the target %d times, want exactly once", id, got[id])
-				}
-			}
+			checkNetworkedTarget(t, app, want)
 			checkJournal(t, journal.DefaultPath(plan))
 
 			// The restarted HSM catches up by itself: wait for its copies
@@ -228,4 +237,57 @@ func TestTwoClientsMigrateIntoOneNetworkedCluster(t *testing.T) {
 	if r := d.wait(); r.code != 0 {
 		t.Errorf("serve after SIGTERM: %s", r)
 	}
+}
+
+// TestTortureDaemons kills the daemons of a networked 3-HSM target with
+// SIGKILL at random moments of a migration into it, one at a time,
+// restarting each, and reruns the migration until it finishes; then every
+// key is there once, with its KCV, on at least 2 HSMs. Under make torture
+// only (KEYMIG_TORTURE=1): it bets on the clock by design, with a seeded
+// generator (KEYMIG_TORTURE_SEED replays the kill times).
+func TestTortureDaemons(t *testing.T) {
+	if os.Getenv("KEYMIG_TORTURE") != "1" {
+		t.Skip("randomised daemon kills run only under make torture (KEYMIG_TORTURE=1)")
+	}
+	seed := uint64(time.Now().UnixNano())
+	if v, err := strconv.ParseUint(os.Getenv("KEYMIG_TORTURE_SEED"), 10, 64); err == nil {
+		seed = v
+	}
+	fmt.Printf("torture daemons: seed %d (replay with KEYMIG_TORTURE_SEED=%d)\n", seed, seed)
+	rng := rand.New(rand.NewPCG(seed, 13))
+	dir := keymigtest.TempDir(t)
+	src, dst, app := filepath.Join(dir, "src"), filepath.Join(dir, "dst"), filepath.Join(dir, "app")
+	testcluster.New(t, src, 2)
+	want := testcluster.GenerateAES(t, src, "k", envInt("KEYMIG_TORTURE_KEYS", 1000), nil)
+	ids := networkedTarget(t, dst, 3)
+	daemons := make([]*running, len(ids))
+	ready := func(i int) string { return filepath.Join(dir, fmt.Sprintf("ready%d", i)) }
+	for i, id := range ids {
+		daemons[i] = serveOne(t, dst, id, "", ready(i))
+	}
+	keymigAs(t, nil, "hsm", "client-config", "--cluster", dst, "--out", app)
+	plan := filepath.Join(dir, "plan.json")
+	must(t, 2, "plan", "--source", src, "--target", app, "--transport", "session-kek", "--out", plan)
+	kills := envInt("KEYMIG_TORTURE_KILLS", 70) / 7
+	for run, landed := 0, 0; ; run++ {
+		mig := startKeymig(t, "", "migrate", "--plan", plan, "--workers", "16", "--no-progress")
+		if landed < kills {
+			time.Sleep(time.Duration(rng.Int64N(int64(2 * time.Second)))) // a random moment, by design
+			i := rng.IntN(len(ids))
+			daemons[i].signal(syscall.SIGKILL)
+			daemons[i].wait()
+			landed++
+			daemons[i] = serveOne(t, dst, ids[i], "", ready(i))
+		}
+		r := mig.wait()
+		if r.code == 0 && landed >= kills {
+			t.Logf("%d daemon kills over %d migrate runs", landed, run+1)
+			break
+		}
+		if run > 10*kills+10 {
+			t.Fatalf("the migration never finished: %s", r)
+		}
+	}
+	checkNetworkedTarget(t, app, want)
+	checkJournal(t, journal.DefaultPath(plan))
 }
