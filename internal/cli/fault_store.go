@@ -74,6 +74,9 @@ func (d *daemonFaults) faults(ctx context.Context, hsms []hsm.HSMInfo) (map[stri
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		f, err := m.Fault(cctx)
 		cancel()
+		if hsm.CodeOf(err) == hsm.CodeUnavailable {
+			continue // a daemon that is down has no fault to show; its state says down
+		}
 		if err != nil {
 			return nil, fmt.Errorf("read the fault of HSM %s: %w", h.ID, err)
 		}
