@@ -81,8 +81,9 @@ func (m *Member) ID() string { return m.id }
 // Addr is the address the HSM is reached at.
 func (m *Member) Addr() string { return m.addr }
 
-// Close closes the connection; the server then ends every session opened
-// through this Member.
+// Close closes the connection (at once if idle, else when its calls in
+// flight end); the server then ends every session opened through this
+// Member.
 func (m *Member) Close() error {
 	m.tr.CloseIdleConnections()
 	return nil
