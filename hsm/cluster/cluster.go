@@ -194,6 +194,9 @@ type Cluster struct {
 
 	keys keyMap
 
+	suspectMu sync.Mutex
+	suspect   map[string]bool // see markSuspect
+
 	// secret is the lineage secret when this process made the cluster
 	// (Init, Restore); otherwise the HSMs are asked for it.
 	secret []byte

@@ -133,22 +133,31 @@ func (s *session) perHSMOnce(ctx context.Context, fn func(ctx context.Context, m
 // with its coverage (which HSMs hold it, which lack it, and which
 // attributes or shares differ between copies).
 func (s *session) ListKeys(ctx context.Context, f hsm.Filter) ([]hsm.KeyInfo, error) {
-	var mu sync.Mutex
-	listings := map[string][]hsm.KeyInfo{}
-	answered, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.FullSession) error {
-		keys, err := ms.ListKeys(ctx, f)
+	var w waitForHSM
+	for {
+		var mu sync.Mutex
+		listings := map[string][]hsm.KeyInfo{}
+		answered, err := s.perHSM(ctx, func(ctx context.Context, m *member, ms hsm.FullSession) error {
+			keys, err := ms.ListKeys(ctx, f)
+			if err != nil {
+				return err
+			}
+			mu.Lock()
+			listings[m.id] = keys
+			mu.Unlock()
+			return nil
+		})
 		if err != nil {
-			return err
+			return nil, err
 		}
-		mu.Lock()
-		listings[m.id] = keys
-		mu.Unlock()
-		return nil
-	})
-	if err != nil {
-		return nil, err
+		if err := s.c.checkSuspects(answered); err != nil {
+			if s.c.await(ctx, &w) {
+				continue
+			}
+			return nil, err
+		}
+		return s.c.merge(listings, answered), nil
 	}
-	return s.c.merge(listings, answered), nil
 }
 
 // GetKey returns one key with its coverage, asking every reachable HSM. A

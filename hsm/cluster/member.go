@@ -10,6 +10,11 @@ import (
 // caller's operations, and the peer API that HSMs of one cluster use among
 // themselves (listing, masked copies, user records, snapshots). A local
 // *node.Node satisfies it; a remote HSM client can too.
+//
+// A member whose call may have taken effect with its answer lost (a
+// remote HSM whose connection broke mid-call) returns an error with a
+// method OutcomeUnknown() bool that returns true: the cluster then does
+// not make the key again elsewhere, and its listings wait for that HSM.
 type Member interface {
 	// ID is the HSM's id, as recorded in cluster.json.
 	ID() string

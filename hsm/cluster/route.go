@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -284,7 +285,44 @@ func (e *callError) Unwrap() error { return e.err }
 
 func outcomeUnknown(err error) bool {
 	var ce *callError
-	return errors.As(err, &ce) && ce.unknownOutcome
+	if errors.As(err, &ce) && ce.unknownOutcome {
+		return true
+	}
+	var mu interface{ OutcomeUnknown() bool }
+	return errors.As(err, &mu) && mu.OutcomeUnknown()
+}
+
+// markSuspect records that HSM id may hold a key whose creation's answer
+// was lost (its connection broke, or it timed out): until it answers a
+// listing again, listings wait for it, so that a caller looking for that
+// key before trying the create again does not miss it and make it twice.
+func (c *Cluster) markSuspect(id string) {
+	c.suspectMu.Lock()
+	defer c.suspectMu.Unlock()
+	if c.suspect == nil {
+		c.suspect = map[string]bool{}
+	}
+	c.suspect[id] = true
+}
+
+// checkSuspects clears the suspects that answered a listing and returns an
+// unavailable error naming one that did not.
+func (c *Cluster) checkSuspects(answered map[string]bool) error {
+	c.suspectMu.Lock()
+	defer c.suspectMu.Unlock()
+	var silent []string
+	for id := range c.suspect {
+		if answered[id] {
+			delete(c.suspect, id)
+		} else {
+			silent = append(silent, id)
+		}
+	}
+	if len(silent) == 0 {
+		return nil
+	}
+	sort.Strings(silent)
+	return hsm.Errorf(hsm.CodeUnavailable, "list", 0, "HSM %s may hold a key whose creation's answer was lost, and does not answer: listings wait for it so that no key is made twice; retry once it is back", strings.Join(silent, ", "))
 }
 
 func isHSMError(err error) bool {

@@ -206,6 +206,7 @@ func (s *session) on(ctx context.Context, op string, cands []*member, create boo
 		}
 		lastErr = err
 		if create && outcomeUnknown(err) {
+			s.c.markSuspect(m.id)
 			return m, hsm.Errorf(hsm.CodeUnavailable, op, 0, "%v; the key may or may not have been made: look for it before trying again", err)
 		}
 		if hsm.CodeOf(err) != hsm.CodeUnavailable || ctx.Err() != nil {

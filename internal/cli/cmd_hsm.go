@@ -57,6 +57,10 @@ Example:
 			hsmRemoveHSMCommand(e),
 			hsmFaultCommand(e),
 			hsmQuorumCommand(e),
+			hsmCACommand(e),
+			hsmMTLSCommand(e),
+			hsmServeCommand(e),
+			hsmClientConfigCommand(e),
 		},
 	}
 }
@@ -119,7 +123,8 @@ func noArgs(c *cli.Context) error {
 }
 
 // openCluster opens the cluster directory, waiting for another process that
-// holds it at most o.LockTimeout.
+// holds it at most o.LockTimeout. A client directory (keymig hsm
+// client-config) opens the cluster through its HSM daemons.
 func openCluster(ctx context.Context, o clusterOptions) (*cluster.Cluster, error) {
 	if o.Dir == "" {
 		return nil, errors.New("--cluster DIR is required")
@@ -128,7 +133,11 @@ func openCluster(ctx context.Context, o clusterOptions) (*cluster.Cluster, error
 	if timeout <= 0 {
 		timeout = defaultLockTimeout
 	}
-	cl, err := cluster.Open(ctx, o.Dir, cluster.OpenOptions{LockTimeout: timeout})
+	members, err := clusterMembers(o.Dir)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := cluster.Open(ctx, o.Dir, cluster.OpenOptions{LockTimeout: timeout, Members: members})
 	if err != nil {
 		return nil, inCluster(o.Dir, err)
 	}

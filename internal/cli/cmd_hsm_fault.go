@@ -37,6 +37,8 @@ func hsmFaultCommand(e *env) *cli.Command {
 		Usage: "inject faults into HSMs for tests and demos: down, throttling, latency",
 		Description: `Faults are recorded in DIR/faults.json, so the next keymig process that opens
 the cluster sees them; this command needs no PIN and does not open the HSMs.
+Through a client directory (keymig hsm client-config) the faults are set on
+the daemons themselves, at once and for every client.
 Select HSMs with --hsm ID (or --hsm all) or --az ZONE (an availability-zone
 outage). Without a change flag it lists the faults in effect.
 
@@ -100,12 +102,17 @@ func runHSMFault(ctx context.Context, e *env, o hsmFaultOptions) error {
 	if err != nil {
 		return err
 	}
+	store, err := faultStoreFor(o.Dir)
+	if err != nil {
+		return err
+	}
+	defer store.close()
 	if o.changes() {
 		ids, err := selectFaultHSMs(o, hsms)
 		if err != nil {
 			return err
 		}
-		current, err := cluster.Faults(o.Dir)
+		current, err := store.faults(ctx, hsms)
 		if err != nil {
 			return inCluster(o.Dir, err)
 		}
@@ -128,12 +135,12 @@ func runHSMFault(ctx context.Context, e *env, o hsmFaultOptions) error {
 			if o.FailNext != nil {
 				f.FailNext = *o.FailNext
 			}
-			if err := cluster.SetFault(o.Dir, id, f); err != nil {
+			if err := store.setFault(ctx, id, f); err != nil {
 				return inCluster(o.Dir, fmt.Errorf("fault HSM %s: %w", id, err))
 			}
 		}
 	}
-	faults, err := cluster.Faults(o.Dir)
+	faults, err := store.faults(ctx, hsms)
 	if err != nil {
 		return inCluster(o.Dir, err)
 	}

@@ -23,6 +23,7 @@ type hsmInitOptions struct {
 	KDFIterations               int // 0: the HSMs' default
 	Output                      outputFormat
 	Officer                     hsm.Credentials // the first crypto officer
+	Network                     networkInitOptions
 }
 
 // hsmInitCommand is `keymig hsm init`.
@@ -38,6 +39,11 @@ A cluster of one HSM always runs with the key availability check disabled,
 as CloudHSM requires; with two or more HSMs a token key can be used only once
 it is on at least 2 HSMs, unless --disable-key-availability-check is given.
 
+A networked cluster (served by keymig hsm serve) gets --addresses, one
+HOST:PORT per HSM, and a certificate signed by the customer's CA: --csr-out
+writes the cluster's CSR, keymig hsm ca sign signs it offline, and
+--signed-cert with --trust-anchor finishes. --customer-ca DIR does all three.
+
 Examples:
   KEYMIG_PIN=admin:secret-pass keymig hsm init --dir ./hsm1
   KEYMIG_PIN=admin:secret-pass keymig hsm init --dir ./prod --region eu-west-1 --hsms 3 --azs eu-west-1a,eu-west-1b,eu-west-1c`,
@@ -50,6 +56,11 @@ Examples:
 			&cli.IntFlag{Name: "key-capacity", Value: 3300, Usage: "most token keys the cluster may hold"},
 			&cli.BoolFlag{Name: "non-fips", Usage: "run the HSMs outside FIPS mode (allows PKCS#1 v1.5 key transport: hsm key wrap and unwrap --mechanism rsa-pkcs)"},
 			kdfIterationsFlag("100000"),
+			&cli.StringSliceFlag{Name: "addresses", Usage: "make a networked cluster: each HSM's `HOST:PORT`, comma-separated (needs --csr-out or --customer-ca)"},
+			&cli.StringFlag{Name: "csr-out", Usage: "write the cluster's certificate signing request to `FILE`"},
+			&cli.StringFlag{Name: "signed-cert", Usage: "finish a networked cluster: the cluster certificate `FILE` the customer CA signed"},
+			&cli.StringFlag{Name: "trust-anchor", Usage: "with --signed-cert: the customer CA's certificate `FILE`, the only one clients trust"},
+			&cli.StringFlag{Name: "customer-ca", Usage: "sign the CSR with the CA in `DIR` (keymig hsm ca create) and finish at once, for rehearsals"},
 			pinFileFlag(),
 			outputFlag(),
 		},
@@ -68,6 +79,14 @@ Examples:
 				NonFIPS:                     c.Bool("non-fips"),
 				KDFIterations:               c.Int("kdf-iterations"),
 				Output:                      out,
+				Network: networkInitOptions{Addresses: splitList(c.StringSlice("addresses")), CSROut: c.String("csr-out"),
+					SignedCert: c.String("signed-cert"), TrustAnchor: c.String("trust-anchor"), CustomerCA: c.String("customer-ca")},
+			}
+			if err := o.Network.validate(o.HSMs); err != nil {
+				return err
+			}
+			if o.Network.SignedCert != "" {
+				return runNetworkInitFinish(e, o.Dir, o.Network)
 			}
 			if err := o.validate(); err != nil {
 				return err
@@ -137,6 +156,11 @@ func runHSMInit(ctx context.Context, e *env, o hsmInitOptions) error {
 	info, notes := cl.Info(), cl.Notes()
 	if err := cl.Close(); err != nil {
 		return inCluster(o.Dir, err)
+	}
+	if o.Network.networked() {
+		if err := startNetworkInit(e, o.Dir, info, o.Network); err != nil {
+			return inCluster(o.Dir, fmt.Errorf("init: %w", err))
+		}
 	}
 	if o.Output == outputJSON {
 		return writeJSON(stdout, struct {

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/keymig/keymig/hsm/node"
 	"github.com/urfave/cli/v2"
 )
@@ -68,7 +67,12 @@ func runHSMStatus(ctx context.Context, e *env, o hsmStatusOptions) error {
 	if err := cl.Close(); err != nil {
 		return inCluster(o.Dir, err)
 	}
-	faults, err := cluster.Faults(o.Dir)
+	store, err := faultStoreFor(o.Dir) // through a client directory: the daemons' faults
+	if err != nil {
+		return err
+	}
+	defer store.close()
+	faults, err := store.faults(ctx, info.HSMs)
 	if err != nil {
 		return inCluster(o.Dir, err)
 	}

@@ -17,6 +17,44 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
+// TestServeUnitParses: the systemd unit's ExecStart is a command keymig
+// accepts (the instance name %i stands for an HSM id).
+func TestServeUnitParses(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "examples", "network", "keymig-hsm-serve@.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var args []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "ExecStart="); ok {
+			args = strings.Fields(strings.ReplaceAll(v, "%i", "hsm-abcdefghijk"))
+		}
+	}
+	if len(args) < 3 || filepath.Base(args[0]) != "keymig" || args[1] != "hsm" || args[2] != "serve" {
+		t.Fatalf("ExecStart %q is not keymig hsm serve", args)
+	}
+	var stderr bytes.Buffer
+	app := newApp(strings.NewReader(""), io.Discard, &stderr)
+	for _, c := range app.Commands {
+		if c.Name == "hsm" {
+			c.Subcommands = serveOnlyParses(c.Subcommands)
+		}
+	}
+	if err := app.Run(args); err != nil || stderr.Len() > 0 {
+		t.Fatalf("keymig refuses the unit's command %q: %v %s", args[1:], err, stderr.String())
+	}
+}
+
+// serveOnlyParses replaces hsm serve's action: the flags parse, nothing runs.
+func serveOnlyParses(cmds []*cli.Command) []*cli.Command {
+	for _, c := range cmds {
+		if c.Name == "serve" {
+			c.Action = func(*cli.Context) error { return nil }
+		}
+	}
+	return cmds
+}
+
 // exampleCommands extracts the keymig command lines of the scheduled-sync
 // examples: the systemd unit's ExecStart, the cron line and the CronJob's
 // args, each as the arguments after the binary.

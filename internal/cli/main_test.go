@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -77,6 +79,7 @@ func TestScripts(t *testing.T) {
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"flip":     cmdFlip,
 			"waitfile": cmdWaitfile,
+			"sigterm":  cmdSigterm,
 		},
 	})
 }
@@ -114,6 +117,24 @@ func cmdWaitfile(ts *testscript.TestScript, neg bool, args []string) {
 		}
 		time.Sleep(10 * time.Millisecond) // polling for a marker the program writes
 	}
+}
+
+// cmdSigterm is the script command "sigterm FILE": send SIGTERM to the
+// process whose "(pid N)" the first line of FILE names, as keymig hsm
+// serve writes to its --ready-file (testscript's kill knows only INT and
+// KILL).
+func cmdSigterm(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: sigterm FILE")
+	}
+	b, err := os.ReadFile(ts.MkAbs(args[0]))
+	ts.Check(err)
+	m := regexp.MustCompile(`\(pid (\d+)\)`).FindSubmatch(b)
+	if m == nil {
+		ts.Fatalf("sigterm: %s names no (pid N)", args[0])
+	}
+	pid, _ := strconv.Atoi(string(m[1]))
+	ts.Check(syscall.Kill(pid, syscall.SIGTERM))
 }
 
 func TestExitCodes(t *testing.T) {
