@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -121,10 +122,15 @@ func TestFilter(t *testing.T) {
 func TestLostConnection(t *testing.T) {
 	f := newFixture(t, 500)
 	admin := f.db.Conn(t, f.dbName)
-	var drops atomic.Int64
+	var (
+		drops atomic.Int64
+		mu    sync.Mutex // two pages may be written at once; admin is one connection
+	)
 	rep, err := f.rotate(t, func(c *rotate.TableConfig) {
 		c.Batch = 50
 		c.Table = swapHook{Table: f.store, before: func() {
+			mu.Lock()
+			defer mu.Unlock()
 			if drops.Add(1)%3 != 0 {
 				return
 			}
