@@ -36,6 +36,12 @@ func IsURI(s string) bool { return strings.HasPrefix(strings.ToLower(s), "pkcs11
 // that says where PINs go and never repeats the URI.
 func ParseURI(s string) (URI, error) {
 	var u URI
+	// Look for a PIN first, anywhere: no error may quote a URI that has one.
+	for _, name := range []string{"pin-value", "pin-source"} {
+		if strings.Contains(strings.ToLower(s), name) {
+			return URI{}, fmt.Errorf("the PKCS#11 URI has %s: %s", name, pinHelp)
+		}
+	}
 	rest, ok := cutPrefixFold(s, "pkcs11:")
 	if !ok {
 		return u, fmt.Errorf("%q is not a PKCS#11 URI: it must start with pkcs11:", s)
@@ -43,14 +49,6 @@ func ParseURI(s string) (URI, error) {
 	path, query, _ := strings.Cut(rest, "?")
 	if i := strings.IndexByte(query, '#'); i >= 0 {
 		query = query[:i]
-	}
-	// Look for a PIN first: nothing after this may quote the URI if it has one.
-	for _, part := range strings.Split(query, "&") {
-		name, _, _ := strings.Cut(part, "=")
-		switch strings.ToLower(name) {
-		case "pin-value", "pin-source":
-			return URI{}, fmt.Errorf("the PKCS#11 URI has %s: %s", strings.ToLower(name), pinHelp)
-		}
 	}
 	if path != "" {
 		for _, part := range strings.Split(path, ";") {
