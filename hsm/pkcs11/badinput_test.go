@@ -24,7 +24,7 @@ func (s *stub) GetTokenInfo(uint) (pkcs11.TokenInfo, error) {
 	return pkcs11.TokenInfo{Label: "legacy                          ", SerialNumber: "42", Flags: pkcs11.CKF_TOKEN_INITIALIZED}, nil
 }
 func (s *stub) OpenSession(uint, uint) (pkcs11.SessionHandle, error) { return 1, nil }
-func (s *stub) CloseSession(pkcs11.SessionHandle) error           { s.closed++; return nil }
+func (s *stub) CloseSession(pkcs11.SessionHandle) error              { s.closed++; return nil }
 func (s *stub) Login(_ pkcs11.SessionHandle, _ uint, pin string) error {
 	s.logins++
 	return s.loginErr
@@ -108,8 +108,11 @@ type pinRecorder struct {
 	got *string
 }
 
-func (p *pinRecorder) Login(_ pkcs11.SessionHandle, _ uint, pin string) error { *p.got = pin; return nil }
-func (p *pinRecorder) Logout(pkcs11.SessionHandle) error                      { return nil }
+func (p *pinRecorder) Login(_ pkcs11.SessionHandle, _ uint, pin string) error {
+	*p.got = pin
+	return nil
+}
+func (p *pinRecorder) Logout(pkcs11.SessionHandle) error { return nil }
 
 func TestMissingModule(t *testing.T) {
 	u, _ := ParseURI("pkcs11:token=legacy?module-path=/nonexistent/libnothing.so")

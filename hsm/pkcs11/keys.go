@@ -21,8 +21,8 @@ import (
 type object struct {
 	h       pkcs11.ObjectHandle
 	info    hsm.KeyInfo
-	pub     any    // *rsa.PublicKey or *ecdsa.PublicKey of a key pair half, if readable
-	session bool   // a session object: gone when its session closes
+	pub     any      // *rsa.PublicKey or *ecdsa.PublicKey of a key pair half, if readable
+	session bool     // a session object: gone when its session closes
 	owner   *Session // the hsm session that made a session object
 }
 

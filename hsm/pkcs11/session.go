@@ -710,4 +710,3 @@ func trim(s string) string {
 	}
 	return s
 }
-

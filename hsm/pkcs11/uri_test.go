@@ -47,9 +47,9 @@ func TestParseURIRefusesPIN(t *testing.T) {
 
 func TestParseURIErrors(t *testing.T) {
 	for s, want := range map[string]string{
-		"/srv/hsm":                                   "not a PKCS#11 URI",
-		"pkcs11:token=a":                             "module-path",
-		"pkcs11:object=x?module-path=/m.so":          "names no token",
+		"/srv/hsm":                          "not a PKCS#11 URI",
+		"pkcs11:token=a":                    "module-path",
+		"pkcs11:object=x?module-path=/m.so": "names no token",
 		"pkcs11:token=a;colour=red?module-path=/m.so": "unknown attribute",
 		"pkcs11:token=a;type=data?module-path=/m.so":  "type=data",
 		"pkcs11:token=%zz?module-path=/m.so":          "percent-encoding",
