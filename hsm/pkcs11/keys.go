@@ -62,6 +62,15 @@ func (c *keyCache) get(ref hsm.KeyRef) (*object, bool) {
 	return o, ok
 }
 
+// update replaces the cached description of info.Ref.
+func (c *keyCache) update(info hsm.KeyInfo) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if o, ok := c.byRef[info.Ref]; ok {
+		o.info = info
+	}
+}
+
 func (c *keyCache) remove(ref hsm.KeyRef) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -189,7 +198,7 @@ func infoOf(a attrs, token string) (hsm.KeyInfo, any) {
 	c, typ, _ := classOf(a)
 	k := hsm.KeyInfo{
 		Label: string(a[pkcs11.CKA_LABEL]), ID: hsm.Bytes(a[pkcs11.CKA_ID]), Class: c, Type: typ,
-		Coverage: hsm.Coverage{HSMs: []string{token}},
+		Owner: UserName, Coverage: hsm.Coverage{HSMs: []string{token}},
 	}
 	if len(k.ID) == 0 {
 		k.ID = nil

@@ -528,7 +528,34 @@ func (s *Session) UnwrapKey(ctx context.Context, r hsm.UnwrapRequest) (hsm.KeyIn
 		}
 		return hsm.KeyInfo{}, hsm.ErrUnwrapFailed
 	}
-	return s.created(ctx, "unwrap", h)
+	info, err := s.created(ctx, "unwrap", h)
+	if err != nil || info.Class != hsm.ClassSecret || info.Type != hsm.TypeAES || len(info.KCV) > 0 && info.Bits > 0 {
+		return info, err
+	}
+	// A token without CKA_CHECK_VALUE for unwrapped keys (SoftHSM), and a
+	// key that may neither encrypt nor leave: unwrap the same blob once
+	// more as a session copy that may encrypt, take its KCV, destroy it.
+	if (r.Mechanism == hsm.MechAESKWP || r.Mechanism == hsm.MechAESKW) && info.Bits == 0 && len(r.Blob) > 8 {
+		info.Bits = (len(r.Blob) - 8) * 8
+	}
+	if len(info.KCV) == 0 {
+		copyTmpl := []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false), pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true), pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		}
+		s.t.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+			cp, err := s.t.mod.api.UnwrapKey(sh, m, uk.h, r.Blob, copyTmpl)
+			if err != nil {
+				return err
+			}
+			defer s.t.mod.api.DestroyObject(sh, cp)
+			info.KCV = s.kcvInToken(sh, cp)
+			return nil
+		})
+	}
+	s.t.cache.update(info)
+	return info, nil
 }
 
 // Encrypt encrypts with a key on the token: aes-gcm (IV from the token's
@@ -621,8 +648,9 @@ var errShort = errors.New("ciphertext too short")
 // template is the PKCS#11 template of a new key of class c and type typ:
 // CloudHSM's defaults (token unless a session key, private, extractable,
 // sensitive for secret and private keys, modifiable) with t's overrides.
-// Attributes a class does not have are left out when false and refused
-// when true; those the token sets itself are refused.
+// Attributes a class does not have in PKCS#11 (extractable on a public
+// key, encrypt on a private one) and those the token sets itself (local,
+// never-extractable, always-sensitive) are left out.
 func template(c hsm.Class, typ hsm.KeyType, t hsm.Template) ([]*pkcs11.Attribute, error) {
 	class := map[hsm.Class]uint{hsm.ClassSecret: pkcs11.CKO_SECRET_KEY, hsm.ClassPrivate: pkcs11.CKO_PRIVATE_KEY, hsm.ClassPublic: pkcs11.CKO_PUBLIC_KEY}[c]
 	kt, ok := map[hsm.KeyType]uint{hsm.TypeAES: pkcs11.CKK_AES, hsm.TypeRSA: pkcs11.CKK_RSA, hsm.TypeEC: pkcs11.CKK_EC, hsm.TypeGeneric: pkcs11.CKK_GENERIC_SECRET}[typ]
@@ -675,10 +703,7 @@ func template(c hsm.Class, typ hsm.KeyType, t hsm.Template) ([]*pkcs11.Attribute
 		}
 		ck, ok := classAttr[c][a]
 		if !ok {
-			if v {
-				return nil, hsm.Errorf(hsm.CodeInvalidInput, "", 0, "a PKCS#11 %s has no attribute %s", c, a)
-			}
-			continue
+			continue // e.g. extractable on a public key: PKCS#11 has no such attribute there
 		}
 		out = append(out, pkcs11.NewAttribute(ck, v))
 	}

@@ -102,7 +102,7 @@ func (e *env) clusterOptionsFrom(c *cli.Context, login bool) (clusterOptions, er
 	o := clusterOptions{Dir: c.String("cluster"), Output: out, LockTimeout: c.Duration("lock-timeout")}
 	if login {
 		o.PINFile = c.String("pin-file")
-		if o.Creds, err = loadPIN(e, envPIN, o.PINFile, "cluster "+o.Dir); err != nil {
+		if o.Creds, err = loadBackendPIN(e, envPIN, o.PINFile, o.Dir, sideName(o.Dir)); err != nil {
 			return clusterOptions{}, err
 		}
 	}
@@ -151,7 +151,12 @@ func withCluster(ctx context.Context, o clusterOptions, fn func(cl *cluster.Clus
 }
 
 // withSession is withCluster logged in with o.Creds, logged out at the end.
+// A PKCS#11 token (a pkcs11: URI) is logged in to the same way; fn then
+// gets no cluster.
 func withSession(ctx context.Context, o clusterOptions, fn func(cl *cluster.Cluster, s hsm.Session) error) error {
+	if isToken(o.Dir) {
+		return withBackendSession(ctx, o, func(s hsm.Session) error { return fn(nil, s) })
+	}
 	return withCluster(ctx, o, func(cl *cluster.Cluster) error {
 		s, err := cl.Login(ctx, o.Creds)
 		if err != nil {
