@@ -126,5 +126,3 @@ func sideName(name string) string {
 	}
 	return strings.TrimSpace(name)
 }
-
-
