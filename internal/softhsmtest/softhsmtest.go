@@ -133,12 +133,21 @@ func setup() (*Env, error) {
 // (prefix and a number) and returns its label.
 func (e *Env) NewToken(t testing.TB, prefix string) string {
 	t.Helper()
+	label, err := e.Token(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return label
+}
+
+// Token is NewToken for callers without a testing.TB (script commands).
+func (e *Env) Token(prefix string) (string, error) {
 	label := fmt.Sprintf("%s-%d", prefix, e.n.Add(1))
 	if len(label) > 32 {
-		t.Fatalf("token label %q is longer than PKCS#11's 32 characters", label)
+		return "", fmt.Errorf("token label %q is longer than PKCS#11's 32 characters", label)
 	}
-	e.Run(t, "softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SOPIN, "--pin", UserPIN)
-	return label
+	_, err := e.run("softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SOPIN, "--pin", UserPIN)
+	return label, err
 }
 
 // URI is the PKCS#11 URI of the token labelled label.
@@ -156,14 +165,22 @@ func (e *Env) Tool(t testing.TB, label string, args ...string) string {
 // its output, failing the test if it fails.
 func (e *Env) Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
+	out, err := e.run(name, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func (e *Env) run(name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+e.Conf)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(redact(args), " "), err, out.String())
+		return out.String(), fmt.Errorf("%s %s: %v\n%s", name, strings.Join(redact(args), " "), err, out.String())
 	}
-	return out.String()
+	return out.String(), nil
 }
 
 // redact hides PIN arguments in failure messages.
