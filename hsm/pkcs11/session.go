@@ -511,6 +511,11 @@ func (s *Session) UnwrapKey(ctx context.Context, r hsm.UnwrapRequest) (hsm.KeyIn
 	if err != nil {
 		return hsm.KeyInfo{}, err
 	}
+	// Blobs no mechanism can produce are refused here: some modules do
+	// not return from C_UnwrapKey on an empty one (SoftHSM 2.6).
+	if min := map[hsm.Mechanism]int{hsm.MechAESKWP: 16, hsm.MechAESKW: 24}[r.Mechanism]; len(r.Blob) == 0 || len(r.Blob) < min || min > 0 && len(r.Blob)%8 != 0 {
+		return hsm.KeyInfo{}, hsm.ErrUnwrapFailed
+	}
 	m, free, err := s.mechanism(ctx, "unwrap", r.Mechanism, r.Params, func(i hsm.MechanismInfo) bool { return i.Unwrap })
 	if err != nil {
 		return hsm.KeyInfo{}, err

@@ -147,8 +147,8 @@ func (t *Token) findSlot() error {
 	return fmt.Errorf("%d tokens in PKCS#11 module %s match %s: add serial= to the URI to pick one", len(hits), t.mod.path, t.name)
 }
 
-// Name is how messages name the token: "PKCS#11 token LABEL".
-func (t *Token) Name() string { return "PKCS#11 token " + t.name }
+// Name is how messages name the token: "token LABEL (PKCS#11)".
+func (t *Token) Name() string { return "token " + t.name + " (PKCS#11)" }
 
 // URI is the token's URI.
 func (t *Token) URI() URI { return t.uri }
