@@ -32,7 +32,10 @@
 // Keys are found once, with C_FindObjects over the key classes, and
 // cached with their attributes, as the CloudHSM integration guide advises;
 // keys this process makes or deletes update the cache, keys another
-// program makes during a run are not seen. PKCS#11 object handles are
+// program makes during a run are not seen. An object that says CKA_TOKEN
+// false at the first listing is left out: this process has made no
+// session object yet, so it is what a module killed mid-create leaves
+// (SoftHSM writes an object's attributes one by one), not a key. PKCS#11 object handles are
 // valid only inside one process, so a key's hsm.KeyRef, which plans and
 // journals keep across runs, is derived from what identifies it on the
 // token: SHA-256 over its class and CKA_ID (its CKA_LABEL when it has no

@@ -103,7 +103,12 @@ func (s *Session) load(ctx context.Context) error {
 				if err != nil {
 					return err
 				}
-				if o != nil {
+				// This process has made no session object yet, so one that
+				// says CKA_TOKEN false here is not a key: it is what a
+				// module killed while creating an object leaves (SoftHSM
+				// writes an object's attributes one by one), and it is
+				// left out, as the module itself would have.
+				if o != nil && o.info.Attrs.Token {
 					found = append(found, o)
 				}
 			}
