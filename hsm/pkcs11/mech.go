@@ -57,14 +57,6 @@ func NativeName(m hsm.Mechanism) string {
 // drives (read once per token).
 func (s *Session) Mechanisms(ctx context.Context) ([]hsm.MechanismInfo, error) {
 	ms := s.t.mechs
-	if ms == nil {
-		s.t.mu.Lock()
-		if s.t.mechs == nil {
-			s.t.mechs = &mechanisms{}
-		}
-		ms = s.t.mechs
-		s.t.mu.Unlock()
-	}
 	ms.once.Do(func() { ms.infos, ms.err = s.readMechanisms(ctx) })
 	return ms.infos, ms.err
 }

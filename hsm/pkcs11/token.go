@@ -99,6 +99,7 @@ func Open(ctx context.Context, u URI, o Options) (*Token, error) {
 	}
 	t.pool = make(chan pkcs11.SessionHandle, t.size)
 	t.cache = newKeyCache()
+	t.mechs = &mechanisms{}
 	return t, nil
 }
 
