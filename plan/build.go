@@ -168,6 +168,8 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 			block(ReasonSessionKey, "a session key: it lives only in the session that made it; make a token copy to migrate it")
 		case srcIdentities[keyIdentity(k)] > 1:
 			block(ReasonNoID, "another source key has the same %s; give each key a distinct id (attr.id) so a resumed run can tell them apart", identityWords(k))
+		case len(k.KCV) == 0 && k.Class != hsm.ClassPublic:
+			block(ReasonNoKCV, "its check value cannot be known: %s keeps none for it, the key may not encrypt and a round trip inside it failed, so its arrival could not be verified; let it encrypt (CKA_ENCRYPT) or give it a CKA_CHECK_VALUE, then re-plan", src.Name)
 		case dst.Info.Policy.FIPS && !fipsAllowed(k):
 			block(ReasonNotFIPS, "%s is not allowed on the FIPS-mode target; replace it with an RSA 2048–4096 or EC P-256/P-384 key", sizeWords(k))
 		}
@@ -216,6 +218,12 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 			}
 		}
 	}
+	kcvFrom := map[hsm.KeyRef]string{}
+	for _, k := range selected {
+		if k.KCVFrom != "" {
+			kcvFrom[k.Ref] = k.KCVFrom
+		}
+	}
 	if p.Transport, err = chooseTransport(p.Items, opts, src, dst); err != nil {
 		return nil, err
 	}
@@ -236,6 +244,11 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 			it.Reason = fmt.Sprintf("does not fit in one RSA-OAEP block of a %d-bit transport key with %s; sent by rsa-aes", opts.TransportBits, p.Transport.Hash)
 		default:
 			it.Method = p.Transport.Method
+		}
+		if src.Keys != nil && it.Reason == "" {
+			if k, ok := kcvFrom[it.Ref]; ok && k == hsm.KCVRoundTrip {
+				it.Reason = fmt.Sprintf("%s keeps no check value for it and it may not encrypt: its KCV was found by a wrap/unwrap round trip inside the source, and its arrival is verified against that", src.Name)
+			}
 		}
 	}
 	p.Source.Inventory = InventoryDigest(selected)

@@ -67,3 +67,27 @@ func TestNegotiateRefuses(t *testing.T) {
 		t.Fatalf("rsa-aes asked of a token without it: %v", err)
 	}
 }
+
+// TestCheckValueFromToken: a token key whose check value was found by a
+// round trip is transferred and the plan says so; one without a check
+// value is blocked, saying why.
+func TestCheckValueFromToken(t *testing.T) {
+	src := tokenInv(3, softHSM)
+	src.Keys[0].KCVFrom = hsm.KCVRoundTrip
+	src.Keys[1].KCV = nil
+	dst := inv(info("dst", "L2"), "tina", hsm.RoleCryptoUser, []string{"tina"})
+	p, err := Build(src, dst, Options{}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byRef := map[hsm.KeyRef]Item{}
+	for _, it := range p.Items {
+		byRef[it.Ref] = it
+	}
+	if it := byRef[src.Keys[0].Ref]; it.Action != Transfer || !strings.Contains(it.Reason, "round trip") {
+		t.Errorf("round-trip KCV: %+v", it)
+	}
+	if it := byRef[src.Keys[1].Ref]; it.Action != Blocked || it.ReasonCode != ReasonNoKCV {
+		t.Errorf("no KCV: %+v", it)
+	}
+}

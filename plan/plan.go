@@ -65,6 +65,7 @@ const (
 	ReasonNoID            = "no-id"
 	ReasonUnsynced        = "not-synchronised"
 	ReasonDataKeys        = "datakeys" // a data-key file cannot be rotated as it is
+	ReasonNoKCV           = "no-check-value"
 )
 
 // Options are the choices a user made when planning.

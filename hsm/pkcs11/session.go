@@ -197,8 +197,8 @@ func (s *Session) read(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (*object,
 			if o.info.Bits == 0 {
 				o.info.Bits = bits
 			}
-			if len(o.info.KCV) == 0 {
-				o.info.KCV = kcv
+			if len(o.info.KCV) == 0 && len(kcv) > 0 {
+				o.info.KCV, o.info.KCVFrom = kcv, hsm.KCVRoundTrip
 			}
 		}
 	}
@@ -560,7 +560,9 @@ func (s *Session) UnwrapKey(ctx context.Context, r hsm.UnwrapRequest) (hsm.KeyIn
 				return err
 			}
 			defer s.t.mod.api.DestroyObject(sh, cp)
-			info.KCV = s.kcvInToken(sh, cp)
+			if info.KCV = s.kcvInToken(sh, cp); len(info.KCV) > 0 {
+				info.KCVFrom = hsm.KCVRoundTrip
+			}
 			return nil
 		})
 	}
