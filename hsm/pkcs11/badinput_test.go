@@ -186,3 +186,116 @@ func TestNotExtractable(t *testing.T) {
 		t.Errorf("%d keys before, %d after", len(before), len(after))
 	}
 }
+
+// crashing is a module with one extractable AES key and a wrapping key
+// whose C_WrapKey fails as a module does when its device goes away.
+type crashing struct {
+	stub
+	opened, wraps int
+	class         byte
+	found         bool
+}
+
+func (c *crashing) OpenSession(uint, uint) (pkcs11.SessionHandle, error) {
+	c.opened++
+	return pkcs11.SessionHandle(c.opened), nil
+}
+func (c *crashing) Logout(pkcs11.SessionHandle) error { return nil }
+func (c *crashing) FindObjectsInit(_ pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) error {
+	c.class = tmpl[0].Value[0]
+	return nil
+}
+func (c *crashing) FindObjects(pkcs11.SessionHandle, int) ([]pkcs11.ObjectHandle, bool, error) {
+	if c.class == pkcs11.CKO_SECRET_KEY && !c.found {
+		c.found = true
+		return []pkcs11.ObjectHandle{1, 2}, false, nil
+	}
+	return nil, false, nil
+}
+func (c *crashing) FindObjectsFinal(pkcs11.SessionHandle) error {
+	if c.class != pkcs11.CKO_SECRET_KEY {
+		c.found = false
+	}
+	return nil
+}
+func (c *crashing) GetAttributeValue(_ pkcs11.SessionHandle, o pkcs11.ObjectHandle, a []*pkcs11.Attribute) ([]*pkcs11.Attribute, error) {
+	label := map[pkcs11.ObjectHandle]string{1: "payload", 2: "kek"}[o]
+	out := make([]*pkcs11.Attribute, len(a))
+	for i, q := range a {
+		var v any = false
+		switch q.Type {
+		case pkcs11.CKA_CLASS:
+			v = pkcs11.CKO_SECRET_KEY
+		case pkcs11.CKA_KEY_TYPE:
+			v = pkcs11.CKK_AES
+		case pkcs11.CKA_LABEL:
+			v = label
+		case pkcs11.CKA_ID:
+			v = []byte(label)
+		case pkcs11.CKA_VALUE_LEN:
+			v = 32
+		case pkcs11.CKA_CHECK_VALUE:
+			v = []byte{1, 2, 3}
+		case pkcs11.CKA_TOKEN, pkcs11.CKA_EXTRACTABLE:
+			v = true
+		case pkcs11.CKA_WRAP:
+			v = o == 2
+		}
+		out[i] = pkcs11.NewAttribute(q.Type, v)
+	}
+	return out, nil
+}
+func (c *crashing) GetMechanismList(uint) ([]*pkcs11.Mechanism, error) {
+	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP_PAD, nil)}, nil
+}
+func (c *crashing) GetMechanismInfo(uint, []*pkcs11.Mechanism) (pkcs11.MechanismInfo, error) {
+	return pkcs11.MechanismInfo{Flags: pkcs11.CKF_WRAP | pkcs11.CKF_UNWRAP}, nil
+}
+func (c *crashing) WrapKey(pkcs11.SessionHandle, []*pkcs11.Mechanism, pkcs11.ObjectHandle, pkcs11.ObjectHandle) ([]byte, error) {
+	c.wraps++
+	return nil, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
+}
+
+// TestModuleCrashesACall: a call the module fails with CKR_DEVICE_ERROR is
+// answered once (no retry here: the runner owns retries), with a
+// retryable error naming the token and the key, and the broken session is
+// closed rather than handed out again.
+func TestModuleCrashesACall(t *testing.T) {
+	c := &crashing{}
+	tok := stubToken(t, &c.stub)
+	tok.mod.api = c
+	s, err := tok.Login(context.Background(), hsm.Credentials{Password: "1234"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := s.ListKeys(context.Background(), hsm.Filter{})
+	if err != nil || len(keys) != 2 {
+		t.Fatalf("list: %v %v", keys, err)
+	}
+	payload, kek := keys[0], keys[1]
+	if payload.Label != "payload" {
+		payload, kek = kek, payload
+	}
+	closedBefore := c.closed
+	// Hold the login session so that the wrap runs on a second one.
+	held := <-tok.pool
+	_, err = s.WrapKey(context.Background(), hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: kek.Ref, Payload: payload.Ref})
+	if err == nil {
+		t.Fatal("wrap succeeded on a crashing module")
+	}
+	if c.wraps != 1 {
+		t.Errorf("C_WrapKey called %d times, want 1", c.wraps)
+	}
+	if !hsm.IsRetryable(err) {
+		t.Errorf("error %v is not retryable", err)
+	}
+	for _, want := range []string{"legacy", payload.Ref.String(), "payload", "CKR_DEVICE_ERROR"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	tok.pool <- held
+	if c.closed != closedBefore+1 || tok.open != 1 {
+		t.Errorf("the broken session was not closed: %d closes (were %d), %d open", c.closed, closedBefore, tok.open)
+	}
+}
