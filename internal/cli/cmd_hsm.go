@@ -74,7 +74,7 @@ type clusterOptions struct {
 // clusterFlags are the flags of clusterOptions; login adds --pin-file.
 func clusterFlags(login bool) []cli.Flag {
 	fs := []cli.Flag{
-		&cli.StringFlag{Name: "cluster", Aliases: []string{"c"}, Required: true, Usage: "the cluster `DIR`ectory"},
+		&cli.StringFlag{Name: "cluster", Aliases: []string{"c"}, Required: true, Usage: "the cluster `DIR`ectory (key commands: or a PKCS#11 token, pkcs11:token=LABEL?module-path=FILE)"},
 		outputFlag(),
 		&cli.DurationFlag{Name: "lock-timeout", Value: defaultLockTimeout,
 			Usage: "how long to wait for another keymig process using the cluster"},
@@ -123,6 +123,9 @@ func noArgs(c *cli.Context) error {
 func openCluster(ctx context.Context, o clusterOptions) (*cluster.Cluster, error) {
 	if o.Dir == "" {
 		return nil, errors.New("--cluster DIR is required")
+	}
+	if isToken(o.Dir) {
+		return nil, fmt.Errorf("%s is a PKCS#11 token: this command manages the included cluster; a token takes the key commands, plan, migrate, verify and rotate", sideName(o.Dir))
 	}
 	timeout := o.LockTimeout
 	if timeout <= 0 {

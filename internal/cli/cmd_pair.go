@@ -24,8 +24,8 @@ type pairOptions struct {
 // and --target must be given (migrate and verify take them from the plan).
 func pairFlags(required bool) []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "source", Required: required, Usage: "the source cluster `DIR`ectory"},
-		&cli.StringFlag{Name: "target", Required: required, Usage: "the target cluster `DIR`ectory"},
+		&cli.StringFlag{Name: "source", Required: required, Usage: "the source cluster `DIR`ectory, or a PKCS#11 token (pkcs11:token=LABEL?module-path=FILE)"},
+		&cli.StringFlag{Name: "target", Required: required, Usage: "the target cluster `DIR`ectory, or a PKCS#11 token (pkcs11:token=LABEL?module-path=FILE)"},
 		&cli.StringFlag{Name: "source-pin-file", Usage: "read the source PIN from `FILE` (mode 0600) instead of " + envSourcePIN},
 		&cli.StringFlag{Name: "target-pin-file", Usage: "read the target PIN from `FILE` (mode 0600) instead of " + envTargetPIN},
 		&cli.DurationFlag{Name: "lock-timeout", Value: defaultLockTimeout, Usage: "how long to wait for another keymig process using a cluster"},
