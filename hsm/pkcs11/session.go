@@ -258,7 +258,9 @@ func (s *Session) attrs(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, ts []uin
 		return out, nil
 	}
 	switch ckr(err) {
-	case pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_SENSITIVE:
+	// BUFFER_TOO_SMALL: a value grew between the module's two passes (an
+	// object another session is still writing); one at a time re-sizes.
+	case pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_SENSITIVE, pkcs11.CKR_BUFFER_TOO_SMALL:
 	default:
 		return nil, err
 	}
@@ -387,6 +389,11 @@ func (s *Session) ImportPublicKey(ctx context.Context, p []byte, t hsm.Template)
 	if !ok {
 		return hsm.KeyInfo{}, hsm.Errorf(hsm.CodeInvalidInput, "import public key", 0, "token %s: keymig imports RSA public keys only, not %T", s.t.name, pub)
 	}
+	// Find the token's keys first: a listing that runs while this
+	// process creates objects could read them half-written.
+	if err := s.load(ctx); err != nil {
+		return hsm.KeyInfo{}, err
+	}
 	tmpl, err := template(hsm.ClassPublic, hsm.TypeRSA, t)
 	if err != nil {
 		return hsm.KeyInfo{}, err
@@ -415,6 +422,11 @@ func (s *Session) GenerateKey(ctx context.Context, spec hsm.KeySpec) (hsm.KeyInf
 	default:
 		return hsm.KeyInfo{}, hsm.Errorf(hsm.CodeInvalidInput, "generate", 0, "an AES key is 128, 192 or 256 bits, not %d", spec.Bits)
 	}
+	// Find the token's keys first: a listing that runs while this
+	// process creates objects could read them half-written.
+	if err := s.load(ctx); err != nil {
+		return hsm.KeyInfo{}, err
+	}
 	tmpl, err := template(hsm.ClassSecret, hsm.TypeAES, spec.Template)
 	if err != nil {
 		return hsm.KeyInfo{}, err
@@ -440,6 +452,11 @@ func (s *Session) GenerateKeyPair(ctx context.Context, spec hsm.KeyPairSpec) (pu
 	}
 	if spec.Bits < 2048 || spec.Bits > 4096 {
 		return pub, priv, hsm.Errorf(hsm.CodeInvalidInput, "generate key pair", 0, "an RSA key is 2048 to 4096 bits, not %d", spec.Bits)
+	}
+	// Find the token's keys first: a listing that runs while this
+	// process creates objects could read them half-written.
+	if err := s.load(ctx); err != nil {
+		return pub, priv, err
 	}
 	pt, err := template(hsm.ClassPublic, hsm.TypeRSA, spec.Public)
 	if err != nil {
