@@ -16,7 +16,10 @@ type Inventory struct {
 	User  User         `json:"user"`
 	Users []string     `json:"users"` // names of the backend's users; empty when it has none (Can.Users false)
 	Can   Capabilities `json:"capabilities"`
-	Keys  []KeyInfo    `json:"-"`
+	// Mechanisms are what the backend offers, when it offers only some
+	// (MechanismLister); nil means every mechanism of this package.
+	Mechanisms []MechanismInfo `json:"mechanisms,omitempty"`
+	Keys       []KeyInfo       `json:"-"`
 }
 
 // TakeInventory lists the backend behind s once: its facts, its users (if
@@ -35,6 +38,11 @@ func TakeInventory(ctx context.Context, s Session, name string) (Inventory, erro
 		}
 		for _, u := range users {
 			inv.Users = append(inv.Users, u.Name)
+		}
+	}
+	if ml, ok := s.(MechanismLister); ok {
+		if inv.Mechanisms, err = ml.Mechanisms(ctx); err != nil {
+			return Inventory{}, fmt.Errorf("cluster %s: listing mechanisms: %w", name, err)
 		}
 	}
 	if inv.Keys, err = s.ListKeys(ctx, Filter{}); err != nil {

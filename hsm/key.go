@@ -84,19 +84,27 @@ func (b *Bytes) UnmarshalJSON(data []byte) error {
 
 // KeyInfo describes a key as a backend lists it. It never holds key material.
 type KeyInfo struct {
-	Ref        KeyRef     `json:"key-reference"`
-	Label      string     `json:"label"`
-	ID         Bytes      `json:"id"`
-	Class      Class      `json:"class"`
-	Type       KeyType    `json:"key-type"`
-	Bits       int        `json:"size-bits"`       // AES key length, RSA modulus or EC field size
-	Curve      string     `json:"curve,omitempty"` // EC keys: P-256 or P-384
-	Attrs      Attributes `json:"attributes"`
-	KCV        Bytes      `json:"check-value"` // 3 bytes, see wrap.KCVSecret and wrap.KCVPublic
-	Owner      string     `json:"owner"`
-	SharedWith []string   `json:"shared-users"`
-	Coverage   Coverage   `json:"coverage"`
+	Ref   KeyRef     `json:"key-reference"`
+	Label string     `json:"label"`
+	ID    Bytes      `json:"id"`
+	Class Class      `json:"class"`
+	Type  KeyType    `json:"key-type"`
+	Bits  int        `json:"size-bits"`       // AES key length, RSA modulus or EC field size
+	Curve string     `json:"curve,omitempty"` // EC keys: P-256 or P-384
+	Attrs Attributes `json:"attributes"`
+	KCV   Bytes      `json:"check-value"` // 3 bytes, see wrap.KCVSecret and wrap.KCVPublic
+	// KCVFrom says how a backend that keeps no check value found KCV:
+	// KCVRoundTrip, or "" when the HSM keeps or computes it itself.
+	KCVFrom    string   `json:"check-value-from,omitempty"`
+	Owner      string   `json:"owner"`
+	SharedWith []string `json:"shared-users"`
+	Coverage   Coverage `json:"coverage"`
 }
+
+// KCVRoundTrip is KeyInfo.KCVFrom of a check value found by a wrap/unwrap
+// round trip inside the HSM: it keeps no check value for the key and the
+// key may not encrypt, so a copy that may was made, used and destroyed.
+const KCVRoundTrip = "round-trip"
 
 // Coverage tells on which HSMs of a cluster a key exists and whether its
 // copies agree.

@@ -1,6 +1,10 @@
 package hsm
 
-import "strings"
+import (
+	"context"
+	"slices"
+	"strings"
+)
 
 // Mechanism names a wrapping or encryption mechanism.
 type Mechanism string
@@ -53,4 +57,33 @@ type UnwrapRequest struct {
 	Class         Class   // of the key inside the blob
 	Type          KeyType // of the key inside the blob
 	Template
+}
+
+// MechanismLister is implemented by backends that offer only some of
+// keymig's mechanisms (a PKCS#11 token reports what C_GetMechanismList
+// gives). A session without it offers every mechanism of this package.
+type MechanismLister interface {
+	// Mechanisms lists what the backend can do with each mechanism it
+	// offers. It is read once and cached; safe to call often.
+	Mechanisms(ctx context.Context) ([]MechanismInfo, error)
+}
+
+// MechanismInfo says what a backend can do with one mechanism.
+type MechanismInfo struct {
+	Mechanism Mechanism `json:"mechanism"`
+	Wrap      bool      `json:"wrap"`
+	Unwrap    bool      `json:"unwrap"`
+	Encrypt   bool      `json:"encrypt"`
+	Decrypt   bool      `json:"decrypt"`
+	// Hashes are the OAEP hashes (with MGF1 of the same hash) the backend
+	// accepts, for rsa-oaep and rsa-aes; nil means all of them.
+	Hashes []string `json:"hashes,omitempty"`
+	// Native is the backend's own name for it (CKM_AES_KEY_WRAP_PAD), for
+	// messages.
+	Native string `json:"native,omitempty"`
+}
+
+// SupportsHash reports whether the mechanism accepts OAEP hash h.
+func (m MechanismInfo) SupportsHash(h string) bool {
+	return m.Hashes == nil || slices.Contains(m.Hashes, h)
 }

@@ -77,7 +77,6 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 	}
 	opts = opts.withDefaults()
 	filter, _ := hsm.ParseFilter(opts.Filter)
-	hashBytes := hashSizes[opts.Hash]
 	dataKeys, err := dataKeysByLabel(opts.DataKeys)
 	if err != nil {
 		return nil, err
@@ -130,9 +129,6 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 		return nil, err
 	}
 
-	oaepFits := func(k hsm.KeyInfo) bool {
-		return k.Class == hsm.ClassSecret && k.Bits/8 <= opts.TransportBits/8-2*hashBytes-2
-	}
 	free := dst.Info.Policy.KeyCapacity - dst.Info.Keys
 	for _, k := range selected {
 		it := Item{
@@ -172,6 +168,8 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 			block(ReasonSessionKey, "a session key: it lives only in the session that made it; make a token copy to migrate it")
 		case srcIdentities[keyIdentity(k)] > 1:
 			block(ReasonNoID, "another source key has the same %s; give each key a distinct id (attr.id) so a resumed run can tell them apart", identityWords(k))
+		case len(k.KCV) == 0 && k.Class != hsm.ClassPublic:
+			block(ReasonNoKCV, "its check value cannot be known: %s keeps none for it, the key may not encrypt and a round trip inside it failed, so its arrival could not be verified; let it encrypt (CKA_ENCRYPT) or give it a CKA_CHECK_VALUE, then re-plan", src.Name)
 		case dst.Info.Policy.FIPS && !fipsAllowed(k):
 			block(ReasonNotFIPS, "%s is not allowed on the FIPS-mode target; replace it with an RSA 2048–4096 or EC P-256/P-384 key", sizeWords(k))
 		}
@@ -220,7 +218,19 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 			}
 		}
 	}
-	p.Transport = chooseTransport(p.Items, opts)
+	kcvFrom := map[hsm.KeyRef]string{}
+	for _, k := range selected {
+		if k.KCVFrom != "" {
+			kcvFrom[k.Ref] = k.KCVFrom
+		}
+	}
+	if p.Transport, err = chooseTransport(p.Items, opts, src, dst); err != nil {
+		return nil, err
+	}
+	hashBytes := hashSizes[p.Transport.Hash]
+	oaepFits := func(k hsm.KeyInfo) bool {
+		return k.Class == hsm.ClassSecret && k.Bits/8 <= opts.TransportBits/8-2*hashBytes-2
+	}
 	for i := range p.Items {
 		it := &p.Items[i]
 		if it.Action != Transfer {
@@ -231,9 +241,14 @@ func Build(src, dst hsm.Inventory, opts Options, now time.Time) (*Plan, error) {
 			it.Method = MethodPublic
 		case p.Transport.Method == MethodRSAOAEP && !oaepFits(hsm.KeyInfo{Class: it.Class, Bits: it.Bits}):
 			it.Method = MethodRSAAES
-			it.Reason = fmt.Sprintf("does not fit in one RSA-OAEP block of a %d-bit transport key with %s; sent by rsa-aes", opts.TransportBits, opts.Hash)
+			it.Reason = fmt.Sprintf("does not fit in one RSA-OAEP block of a %d-bit transport key with %s; sent by rsa-aes", opts.TransportBits, p.Transport.Hash)
 		default:
 			it.Method = p.Transport.Method
+		}
+		if src.Keys != nil && it.Reason == "" {
+			if k, ok := kcvFrom[it.Ref]; ok && k == hsm.KCVRoundTrip {
+				it.Reason = fmt.Sprintf("%s keeps no check value for it and it may not encrypt: its KCV was found by a wrap/unwrap round trip inside the source, and its arrival is verified against that", src.Name)
+			}
 		}
 	}
 	p.Source.Inventory = InventoryDigest(selected)
@@ -365,7 +380,11 @@ func classifyRotate(it *Item, k hsm.KeyInfo, dk DataKeys, dst hsm.Inventory, use
 	return nil
 }
 
-func chooseTransport(items []Item, opts Options) Transport {
+// chooseTransport picks the run's transport among those both sides offer
+// (hsm.Inventory.Mechanisms; a backend that lists none offers all), and
+// says why. With nothing to wrap it picks nothing that needs a mechanism;
+// with no transport both sides offer it is an error naming what is missing.
+func chooseTransport(items []Item, opts Options, src, dst hsm.Inventory) (Transport, error) {
 	t := Transport{Hash: opts.Hash, Bits: opts.TransportBits}
 	n := 0
 	for _, it := range items {
@@ -373,20 +392,121 @@ func chooseTransport(items []Item, opts Options) Transport {
 			n++
 		}
 	}
+	var methods []Method
+	var why string
 	switch opts.Transport {
 	case "auto":
 		if n >= AutoSessionKEKThreshold {
-			t.Method = MethodSessionKEK
-			t.Why = fmt.Sprintf("auto: %d keys to transfer (≥ %d), so one RSA-OAEP operation moves an AES-256 session key and each key is wrapped with AES-KWP under it", n, AutoSessionKEKThreshold)
+			methods = []Method{MethodSessionKEK, MethodRSAAES}
+			why = fmt.Sprintf("auto: %d keys to transfer (≥ %d), so ", n, AutoSessionKEKThreshold)
 		} else {
-			t.Method = MethodRSAAES
-			t.Why = fmt.Sprintf("auto: %d keys to transfer (< %d), so each is wrapped by rsa-aes (CKM_RSA_AES_KEY_WRAP), which carries any key size", n, AutoSessionKEKThreshold)
+			methods = []Method{MethodRSAAES, MethodSessionKEK}
+			why = fmt.Sprintf("auto: %d keys to transfer (< %d), so ", n, AutoSessionKEKThreshold)
 		}
 	default:
-		t.Method = Method(opts.Transport)
-		t.Why = "chosen by the plan's transport option"
+		methods = []Method{Method(opts.Transport)}
+		why = "chosen by the plan's transport option: "
 	}
-	return t
+	if n == 0 {
+		t.Method, t.Why = methods[0], why+methodWords[methods[0]]
+		if t.Hash == "" {
+			t.Hash = "sha256"
+		}
+		return t, nil
+	}
+	hashes := []string{opts.Hash}
+	if opts.Hash == "" {
+		hashes = []string{"sha256", "sha384", "sha512", "sha224", "sha1"}
+	}
+	var missing []string
+	for i, m := range methods {
+		var lacks []string
+		for _, h := range hashes {
+			if lacks = transportLacks(m, h, src, dst); len(lacks) == 0 {
+				t.Method, t.Hash, t.Why = m, h, why+methodWords[m]
+				if i > 0 {
+					t.Why = fmt.Sprintf("auto: %s is not possible (%s), so %s", methods[0], missing[0], methodWords[m])
+				}
+				if h != hashes[0] {
+					t.Why += fmt.Sprintf("; OAEP hash %s, since %s", h, strings.Join(transportLacks(m, hashes[0], src, dst), " and "))
+				}
+				return t, nil
+			}
+		}
+		if len(hashes) > 1 {
+			lacks = transportLacks(m, "", src, dst)
+			if len(lacks) == 0 {
+				lacks = []string{"no OAEP hash is taken by both sides"}
+			}
+		}
+		missing = append(missing, strings.Join(lacks, " and "))
+	}
+	var b strings.Builder
+	for i, m := range methods {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%s: %s", m, missing[i])
+	}
+	return t, fmt.Errorf("no transport that both %s and %s offer can move the %d keys (%s); nothing was planned", src.Name, dst.Name, n, b.String())
+}
+
+// methodWords say how each method moves keys.
+var methodWords = map[Method]string{
+	MethodSessionKEK: "one RSA-OAEP operation moves an AES-256 session key and each key is wrapped with AES-KWP under it",
+	MethodRSAAES:     "each is wrapped by rsa-aes (CKM_RSA_AES_KEY_WRAP), which carries any key size",
+	MethodRSAOAEP:    "each is wrapped by RSA-OAEP under the transport key",
+}
+
+// nativeNames are the PKCS#11 names of the mechanisms, for messages.
+var nativeNames = map[hsm.Mechanism]string{
+	hsm.MechRSAOAEP: "CKM_RSA_PKCS_OAEP", hsm.MechRSAAES: "CKM_RSA_AES_KEY_WRAP",
+	hsm.MechAESKWP: "CKM_AES_KEY_WRAP_PAD", hsm.MechAESKW: "CKM_AES_KEY_WRAP",
+}
+
+// transportLacks lists what method m with OAEP hash h ("" for any) needs
+// that a side does not offer, in words naming the side and the mechanism.
+func transportLacks(m Method, h string, src, dst hsm.Inventory) []string {
+	type need struct {
+		inv  hsm.Inventory
+		side string
+		mech hsm.Mechanism
+		wrap bool
+		hash bool
+	}
+	var needs []need
+	switch m {
+	case MethodSessionKEK:
+		needs = []need{{src, "source", hsm.MechRSAOAEP, true, true}, {src, "source", hsm.MechAESKWP, true, false},
+			{dst, "target", hsm.MechRSAOAEP, false, true}, {dst, "target", hsm.MechAESKWP, false, false}}
+	case MethodRSAAES:
+		needs = []need{{src, "source", hsm.MechRSAAES, true, true}, {dst, "target", hsm.MechRSAAES, false, true}}
+	case MethodRSAOAEP:
+		needs = []need{{src, "source", hsm.MechRSAOAEP, true, true}, {dst, "target", hsm.MechRSAOAEP, false, true}}
+	}
+	var out []string
+	for _, n := range needs {
+		if n.inv.Mechanisms == nil {
+			continue
+		}
+		op := "unwrap"
+		if n.wrap {
+			op = "wrap"
+		}
+		var found *hsm.MechanismInfo
+		for i, mi := range n.inv.Mechanisms {
+			if mi.Mechanism == n.mech && (n.wrap && mi.Wrap || !n.wrap && mi.Unwrap) {
+				found = &n.inv.Mechanisms[i]
+			}
+		}
+		switch {
+		case found == nil:
+			out = append(out, fmt.Sprintf("the %s %s does not offer %s (%s) to %s", n.side, n.inv.Name, nativeNames[n.mech], n.mech, op))
+		case n.hash && h != "" && !found.SupportsHash(h):
+			out = append(out, fmt.Sprintf("the %s %s takes %s only with %s, not %s", n.side, n.inv.Name, nativeNames[n.mech], strings.Join(found.Hashes, ", "), h))
+		}
+	}
+	return out
 }
 
 func side(inv hsm.Inventory) Cluster {

@@ -65,14 +65,18 @@ const (
 	ReasonNoID            = "no-id"
 	ReasonUnsynced        = "not-synchronised"
 	ReasonDataKeys        = "datakeys" // a data-key file cannot be rotated as it is
+	ReasonNoKCV           = "no-check-value"
 )
 
 // Options are the choices a user made when planning.
 type Options struct {
-	Filter        []string `json:"filter,omitempty"`
-	Transport     string   `json:"transport"` // auto, rsa-aes, rsa-oaep, session-kek
-	Hash          string   `json:"hash"`
-	TransportBits int      `json:"transport-bits"`
+	Filter    []string `json:"filter,omitempty"`
+	Transport string   `json:"transport"` // auto, rsa-aes, rsa-oaep, session-kek
+	// Hash is the OAEP hash of the transport; "" lets plan pick sha256,
+	// or the strongest both sides take when one does not (a PKCS#11 token
+	// may take sha1 only).
+	Hash          string `json:"hash"`
+	TransportBits int    `json:"transport-bits"`
 	// DataKeys are the data-key files of master keys that cannot leave
 	// their HSM, by master label.
 	DataKeys []DataKeys `json:"datakeys,omitempty"`
@@ -109,9 +113,6 @@ func (e *OptionError) Error() string {
 
 // withDefaults fills in the options left empty.
 func (o Options) withDefaults() Options {
-	if o.Hash == "" {
-		o.Hash = "sha256"
-	}
 	if o.TransportBits == 0 {
 		o.TransportBits = 3072
 	}
@@ -139,7 +140,7 @@ func (o Options) Validate() error {
 	if o.TransportBits < 2048 || o.TransportBits > 4096 || o.TransportBits%1024 != 0 {
 		return &OptionError{"transport-bits", fmt.Sprint(o.TransportBits), "want 2048, 3072 or 4096"}
 	}
-	if _, ok := hashSizes[o.Hash]; !ok {
+	if _, ok := hashSizes[o.Hash]; !ok && o.Hash != "" {
 		return &OptionError{"hash", fmt.Sprintf("%q", o.Hash), "want sha1, sha224, sha256, sha384 or sha512"}
 	}
 	_, err := dataKeysByLabel(o.DataKeys)

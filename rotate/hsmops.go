@@ -89,6 +89,43 @@ func setupLanes(ctx context.Context, src Side, dst *Side) (_ []*lane, err error)
 	return lanes, nil
 }
 
+// oaepParams is the OAEP hash for the session KEK: sha256, or the
+// strongest hash both sides take when one does not (a PKCS#11 token may
+// take sha1 only; hsm.MechanismLister says so).
+func oaepParams(ctx context.Context, a, b hsm.Session) (hsm.Params, error) {
+	hashes := []string{"sha256", "sha384", "sha512", "sha224", "sha1"}
+	takes := func(s hsm.Session, h string) (bool, error) {
+		ml, ok := s.(hsm.MechanismLister)
+		if !ok {
+			return true, nil
+		}
+		infos, err := ml.Mechanisms(ctx)
+		if err != nil {
+			return false, err
+		}
+		for _, i := range infos {
+			if i.Mechanism == hsm.MechRSAOAEP && i.SupportsHash(h) {
+				return true, nil
+			}
+		}
+		return false, nil
+	}
+	for _, h := range hashes {
+		ok1, err := takes(a, h)
+		if err != nil {
+			return hsm.Params{}, err
+		}
+		ok2, err := takes(b, h)
+		if err != nil {
+			return hsm.Params{}, err
+		}
+		if ok1 && ok2 {
+			return hsm.Params{Hash: h}, nil
+		}
+	}
+	return hsm.Params{}, hsm.Errorf(hsm.CodeUnsupportedMechanism, "", 0, "no RSA-OAEP hash both sides take, so the session KEK cannot move; nothing was rotated")
+}
+
 // transport makes the lane's KEK: an RSA pair on the target, its public
 // half imported into the source, an AES-256 KEK on the source wrapped
 // under it and unwrapped on the target. All are session keys.
@@ -120,12 +157,16 @@ func (l *lane) transport(ctx context.Context, srcName, dstName string) error {
 	}
 	l.srcKEK = kek.Ref
 	l.extra = append(l.extra, keyOn{l.src, kek.Ref, srcName})
-	blob, err := l.src.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechRSAOAEP, WrappingKey: imp.Ref, Payload: kek.Ref})
+	oaep, err := oaepParams(ctx, l.src, l.dst)
+	if err != nil {
+		return fmt.Errorf("clusters %s and %s: %w", srcName, dstName, err)
+	}
+	blob, err := l.src.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechRSAOAEP, Params: oaep, WrappingKey: imp.Ref, Payload: kek.Ref})
 	if err != nil {
 		return fmt.Errorf("source cluster %s: wrapping the session KEK: %w", srcName, err)
 	}
 	moved, err := l.dst.UnwrapKey(ctx, hsm.UnwrapRequest{
-		Mechanism: hsm.MechRSAOAEP, UnwrappingKey: priv.Ref, Blob: blob, Class: hsm.ClassSecret, Type: hsm.TypeAES,
+		Mechanism: hsm.MechRSAOAEP, Params: oaep, UnwrappingKey: priv.Ref, Blob: blob, Class: hsm.ClassSecret, Type: hsm.TypeAES,
 		Template: hsm.Template{Label: label + "-kek", Session: true, Attrs: map[hsm.Attr]bool{hsm.AttrUnwrap: true, hsm.AttrExtractable: false}},
 	})
 	if err != nil {

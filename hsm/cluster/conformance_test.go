@@ -34,6 +34,28 @@ func TestConformance(t *testing.T) {
 	}
 }
 
+// TestCoreConformance runs the core suite (what a PKCS#11 token is held
+// to as well) against a 2-HSM cluster, as a crypto user.
+func TestCoreConformance(t *testing.T) {
+	hsmtest.RunCore(t, hsmtest.CoreHarness{New: func(t *testing.T) (hsm.Backend, hsm.Credentials) {
+		c, err := Init(context.Background(), InitOptions{Dir: filepath.Join(t.TempDir(), "c"), HSMs: 2, Officer: officer, KDFIterations: testKDF})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		co, err := c.Login(context.Background(), officer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer co.Logout(context.Background())
+		user := hsm.Credentials{User: "core", Password: "core-pass-1"}
+		if err := co.(hsm.Users).CreateUser(context.Background(), user.User, hsm.RoleCryptoUser, user.Password); err != nil {
+			t.Fatal(err)
+		}
+		return c, user
+	}})
+}
+
 // newEmptyClone makes a cluster of c's lineage with only a crypto officer.
 func newEmptyClone(t *testing.T, c *Cluster, n int) *Cluster {
 	t.Helper()

@@ -119,7 +119,7 @@ func runDatakeysGenerate(ctx context.Context, e *env, o generateOptions) (err er
 			return fmt.Errorf("%s already exists: choose another --out or pass --force: %w", o.Out, fs.ErrExist)
 		}
 	}
-	creds, err := loadPIN(e, envPIN, o.PINFile, "cluster "+o.Dir)
+	creds, err := loadBackendPIN(e, envPIN, o.PINFile, o.Dir, sideName(o.Dir))
 	if err != nil {
 		return err
 	}

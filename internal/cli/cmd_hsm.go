@@ -78,7 +78,7 @@ type clusterOptions struct {
 // clusterFlags are the flags of clusterOptions; login adds --pin-file.
 func clusterFlags(login bool) []cli.Flag {
 	fs := []cli.Flag{
-		&cli.StringFlag{Name: "cluster", Aliases: []string{"c"}, Required: true, Usage: "the cluster `DIR`ectory"},
+		&cli.StringFlag{Name: "cluster", Aliases: []string{"c"}, Required: true, Usage: "the cluster `DIR`ectory (key commands: or a PKCS#11 token, pkcs11:token=LABEL?module-path=FILE)"},
 		outputFlag(),
 		&cli.DurationFlag{Name: "lock-timeout", Value: defaultLockTimeout,
 			Usage: "how long to wait for another keymig process using the cluster"},
@@ -106,7 +106,7 @@ func (e *env) clusterOptionsFrom(c *cli.Context, login bool) (clusterOptions, er
 	o := clusterOptions{Dir: c.String("cluster"), Output: out, LockTimeout: c.Duration("lock-timeout")}
 	if login {
 		o.PINFile = c.String("pin-file")
-		if o.Creds, err = loadPIN(e, envPIN, o.PINFile, "cluster "+o.Dir); err != nil {
+		if o.Creds, err = loadBackendPIN(e, envPIN, o.PINFile, o.Dir, sideName(o.Dir)); err != nil {
 			return clusterOptions{}, err
 		}
 	}
@@ -128,6 +128,9 @@ func noArgs(c *cli.Context) error {
 func openCluster(ctx context.Context, o clusterOptions) (*cluster.Cluster, error) {
 	if o.Dir == "" {
 		return nil, errors.New("--cluster DIR is required")
+	}
+	if isToken(o.Dir) {
+		return nil, fmt.Errorf("%s is a PKCS#11 token: this command manages the included cluster; a token takes the key commands, plan, migrate, verify and rotate", sideName(o.Dir))
 	}
 	timeout := o.LockTimeout
 	if timeout <= 0 {
@@ -160,7 +163,12 @@ func withCluster(ctx context.Context, o clusterOptions, fn func(cl *cluster.Clus
 }
 
 // withSession is withCluster logged in with o.Creds, logged out at the end.
+// A PKCS#11 token (a pkcs11: URI) is logged in to the same way; fn then
+// gets no cluster.
 func withSession(ctx context.Context, o clusterOptions, fn func(cl *cluster.Cluster, s hsm.Session) error) error {
+	if isToken(o.Dir) {
+		return withBackendSession(ctx, o, func(s hsm.Session) error { return fn(nil, s) })
+	}
 	return withCluster(ctx, o, func(cl *cluster.Cluster) error {
 		s, err := cl.Login(ctx, o.Creds)
 		if err != nil {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/urfave/cli/v2"
 )
 
@@ -25,8 +24,8 @@ type pairOptions struct {
 // and --target must be given (migrate and verify take them from the plan).
 func pairFlags(required bool) []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "source", Required: required, Usage: "the source cluster `DIR`ectory"},
-		&cli.StringFlag{Name: "target", Required: required, Usage: "the target cluster `DIR`ectory"},
+		&cli.StringFlag{Name: "source", Required: required, Usage: "the source cluster `DIR`ectory, or a PKCS#11 token (pkcs11:token=LABEL?module-path=FILE)"},
+		&cli.StringFlag{Name: "target", Required: required, Usage: "the target cluster `DIR`ectory, or a PKCS#11 token (pkcs11:token=LABEL?module-path=FILE)"},
 		&cli.StringFlag{Name: "source-pin-file", Usage: "read the source PIN from `FILE` (mode 0600) instead of " + envSourcePIN},
 		&cli.StringFlag{Name: "target-pin-file", Usage: "read the target PIN from `FILE` (mode 0600) instead of " + envTargetPIN},
 		&cli.DurationFlag{Name: "lock-timeout", Value: defaultLockTimeout, Usage: "how long to wait for another keymig process using a cluster"},
@@ -41,10 +40,10 @@ func pairOptionsFrom(c *cli.Context) pairOptions {
 	}
 }
 
-// side is one logged-in cluster.
+// side is one logged-in cluster or token.
 type side struct {
 	dir     string
-	cluster *cluster.Cluster
+	backend backend
 	session hsm.Session
 	creds   hsm.Credentials // for more sessions (a rotation's lanes)
 }
@@ -52,17 +51,20 @@ type side struct {
 // moreSessions logs in n more times, for work that spreads over the HSMs
 // of the cluster (each session's objects live on one HSM).
 func (s side) moreSessions(ctx context.Context, n int) ([]hsm.Session, error) {
-	return loginSessions(ctx, s.cluster, s.dir, s.creds, n)
+	return loginSessions(ctx, s.backend, s.dir, s.creds, n)
 }
 
 // loginSessions logs in to cl n times; on a failure it logs out of those
 // it made and names the cluster directory dir.
-func loginSessions(ctx context.Context, cl *cluster.Cluster, dir string, creds hsm.Credentials, n int) ([]hsm.Session, error) {
+func loginSessions(ctx context.Context, cl hsm.Backend, dir string, creds hsm.Credentials, n int) ([]hsm.Session, error) {
 	var out []hsm.Session
 	for range n {
 		sess, err := cl.Login(ctx, creds)
 		if err != nil {
 			logoutAll(ctx, out)
+			if isToken(dir) {
+				return nil, err // the token's error names it and says what to do
+			}
 			return nil, loginError(dir, creds.User, err)
 		}
 		out = append(out, sess)
@@ -88,11 +90,11 @@ func openPair(ctx context.Context, e *env, o pairOptions) (_ *pair, err error) {
 	if o.SourceDir == "" || o.TargetDir == "" {
 		return nil, errors.New("both --source DIR and --target DIR are needed")
 	}
-	srcCreds, err := loadPIN(e, envSourcePIN, o.SourcePINFile, "the source cluster "+o.SourceDir)
+	srcCreds, err := loadBackendPIN(e, envSourcePIN, o.SourcePINFile, o.SourceDir, "the source "+sideName(o.SourceDir))
 	if err != nil {
 		return nil, err
 	}
-	dstCreds, err := loadPIN(e, envTargetPIN, o.TargetPINFile, "the target cluster "+o.TargetDir)
+	dstCreds, err := loadBackendPIN(e, envTargetPIN, o.TargetPINFile, o.TargetDir, "the target "+sideName(o.TargetDir))
 	if err != nil {
 		return nil, err
 	}
@@ -113,14 +115,14 @@ func openPairWith(ctx context.Context, o pairOptions, srcCreds, dstCreds hsm.Cre
 		dir   string
 		creds hsm.Credentials
 	}{{&p.src, o.SourceDir, srcCreds}, {&p.dst, o.TargetDir, dstCreds}} {
-		cl, err := openCluster(ctx, clusterOptions{Dir: s.dir, LockTimeout: o.LockTimeout})
+		b, err := openBackend(ctx, s.dir, o.LockTimeout)
 		if err != nil {
 			return nil, err
 		}
-		s.sd.dir, s.sd.cluster, s.sd.creds = s.dir, cl, s.creds
-		sess, err := cl.Login(ctx, s.creds)
+		s.sd.dir, s.sd.backend, s.sd.creds = s.dir, b, s.creds
+		sess, err := loginBackend(ctx, b, s.creds)
 		if err != nil {
-			return nil, loginError(s.dir, s.creds.User, err)
+			return nil, err
 		}
 		s.sd.session = sess
 	}
@@ -133,8 +135,8 @@ func (p *pair) close(ctx context.Context) {
 		if s.session != nil {
 			s.session.Logout(context.WithoutCancel(ctx))
 		}
-		if s.cluster != nil {
-			s.cluster.Close()
+		if s.backend != nil {
+			s.backend.Close()
 		}
 	}
 }

@@ -68,7 +68,7 @@ Example:
 		Flags: append(pairFlags(true),
 			&cli.StringSliceFlag{Name: "filter", Usage: "select source keys: key-reference=0x... or attr.NAME=VALUE (repeatable, ANDed)"},
 			&cli.StringFlag{Name: "transport", Value: "auto", Usage: "how keys travel: auto, rsa-aes, rsa-oaep or session-kek"},
-			&cli.StringFlag{Name: "hash", Value: "sha256", Usage: "OAEP hash of the transport: sha1, sha224, sha256, sha384 or sha512"},
+			&cli.StringFlag{Name: "hash", Usage: "OAEP hash of the transport: sha1, sha224, sha256, sha384 or sha512 (default: sha256, or the strongest both sides take)"},
 			&cli.IntFlag{Name: "transport-bits", Value: 3072, Usage: "size of the RSA transport key: 2048, 3072 or 4096"},
 			&cli.StringFlag{Name: "out", Required: true, Usage: "write the plan to `FILE`"},
 			&cli.BoolFlag{Name: "force", Usage: "replace an existing plan file"},

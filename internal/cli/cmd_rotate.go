@@ -12,7 +12,6 @@ import (
 	"github.com/keymig/keymig/rotate/pgstore"
 
 	"github.com/keymig/keymig/hsm"
-	"github.com/keymig/keymig/hsm/cluster"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/rotate"
 	"github.com/keymig/keymig/runner"
@@ -171,10 +170,10 @@ Example:
 	}
 }
 
-// openedCluster is one cluster open with several sessions of one user.
+// openedCluster is one cluster (or token) open with several sessions of one user.
 type openedCluster struct {
 	dir      string
-	cluster  *cluster.Cluster
+	cluster  backend
 	sessions []hsm.Session
 	lanes    []rotate.Session // the same sessions, as a rotation uses them
 }
@@ -206,7 +205,7 @@ func (o *openedCluster) close(ctx context.Context) {
 
 // openClusterSessions opens dir and logs in n times with creds.
 func openClusterSessions(ctx context.Context, dir string, creds hsm.Credentials, n int, lockTimeout time.Duration) (*openedCluster, error) {
-	cl, err := openCluster(ctx, clusterOptions{Dir: dir, LockTimeout: lockTimeout})
+	cl, err := openBackend(ctx, dir, lockTimeout)
 	if err != nil {
 		return nil, err
 	}
@@ -263,7 +262,7 @@ func openEnvelope(ctx context.Context, e *env, o envelopeOptions) (_ *envelope, 
 		o.TargetDir = ""
 	}
 	if o.TargetDir == "" {
-		creds, err := loadPIN(e, envPIN, o.PINFile, "cluster "+o.SourceDir)
+		creds, err := loadBackendPIN(e, envPIN, o.PINFile, o.SourceDir, sideName(o.SourceDir))
 		if err != nil {
 			return nil, err
 		}
@@ -272,11 +271,11 @@ func openEnvelope(ctx context.Context, e *env, o envelopeOptions) (_ *envelope, 
 		}
 		return v, nil
 	}
-	srcCreds, err := loadPIN(e, envSourcePIN, o.SourcePINFile, "the source cluster "+o.SourceDir)
+	srcCreds, err := loadBackendPIN(e, envSourcePIN, o.SourcePINFile, o.SourceDir, "the source "+sideName(o.SourceDir))
 	if err != nil {
 		return nil, err
 	}
-	dstCreds, err := loadPIN(e, envTargetPIN, o.TargetPINFile, "the target cluster "+o.TargetDir)
+	dstCreds, err := loadBackendPIN(e, envTargetPIN, o.TargetPINFile, o.TargetDir, "the target "+sideName(o.TargetDir))
 	if err != nil {
 		return nil, err
 	}

@@ -61,34 +61,68 @@ func loadPIN(e *env, envName, pinFile, what string) (hsm.Credentials, error) {
 // readPINFile reads a PIN from path, refusing a file that anyone but its
 // owner can read or write, as ssh does for private keys.
 func readPINFile(path, what string) (hsm.Credentials, error) {
-	f, err := os.Open(path)
+	line, err := readPINLine(path, what)
 	if err != nil {
-		return hsm.Credentials{}, fmt.Errorf("cannot read the PIN file for %s: %w", what, err)
+		return hsm.Credentials{}, err
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return hsm.Credentials{}, fmt.Errorf("cannot read the PIN file for %s: %w", what, err)
-	}
-	if !st.Mode().IsRegular() {
-		return hsm.Credentials{}, fmt.Errorf("PIN file %s is not a regular file", path)
-	}
-	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		return hsm.Credentials{}, fmt.Errorf("PIN file %s can be read or written by others (mode %04o): run `chmod 600 %s`", path, perm, path)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, maxPINFile+1))
-	if err != nil {
-		return hsm.Credentials{}, fmt.Errorf("cannot read PIN file %s: %w", path, err)
-	}
-	if len(data) > maxPINFile {
-		return hsm.Credentials{}, fmt.Errorf("PIN file %s is larger than %d bytes; it should hold one line, user:password", path, maxPINFile)
-	}
-	line, _, _ := bytes.Cut(data, []byte("\n"))
-	c, err := hsm.ParsePIN(string(line))
+	c, err := hsm.ParsePIN(line)
 	if err != nil {
 		return hsm.Credentials{}, fmt.Errorf("PIN file %s is malformed: its first line must be user:password", path)
 	}
 	return c, nil
+}
+
+// readPINLine returns the first line of the PIN file at path, refusing a
+// file that anyone but its owner can read or write.
+func readPINLine(path, what string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("cannot read the PIN file for %s: %w", what, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("cannot read the PIN file for %s: %w", what, err)
+	}
+	if !st.Mode().IsRegular() {
+		return "", fmt.Errorf("PIN file %s is not a regular file", path)
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return "", fmt.Errorf("PIN file %s can be read or written by others (mode %04o): run `chmod 600 %s`", path, perm, path)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxPINFile+1))
+	if err != nil {
+		return "", fmt.Errorf("cannot read PIN file %s: %w", path, err)
+	}
+	if len(data) > maxPINFile {
+		return "", fmt.Errorf("PIN file %s is larger than %d bytes; it should hold one line, the PIN", path, maxPINFile)
+	}
+	line, _, _ := bytes.Cut(data, []byte("\n"))
+	return strings.TrimRight(string(line), "\r"), nil
+}
+
+// loadSecret returns a PIN as written, not parsed: from envName, else
+// pinFile, else a prompt, as loadPIN does; noun names it in the prompt
+// and errors ("the token's PIN").
+func loadSecret(e *env, envName, pinFile, what, noun string) (string, error) {
+	if v := e.getenv(envName); v != "" {
+		return strings.TrimRight(v, "\r\n"), nil
+	}
+	if pinFile != "" {
+		pin, err := readPINLine(pinFile, what)
+		if err == nil && pin == "" {
+			err = fmt.Errorf("PIN file %s is empty: its first line must be %s", pinFile, noun)
+		}
+		return pin, err
+	}
+	if fd, ok := terminalFd(e.stdin); ok {
+		pin, err := promptSecret(e.stderr, fd, fmt.Sprintf("PIN for %s: ", what))
+		if err != nil {
+			return "", fmt.Errorf("cannot read the PIN for %s: %w", what, err)
+		}
+		return pin, nil
+	}
+	return "", fmt.Errorf("no PIN for %s: set %s to %s, pass --pin-file FILE (a file only you can read), or run keymig on a terminal to be prompted", what, envName, noun)
 }
 
 // loadNewPassword returns the new password of a user: from

@@ -16,6 +16,7 @@ import (
 
 	"github.com/keymig/keymig/internal/keymigtest"
 	"github.com/keymig/keymig/internal/pgtest"
+	"github.com/keymig/keymig/internal/softhsmtest"
 
 	"github.com/rogpeppe/go-internal/testscript"
 )
@@ -27,6 +28,7 @@ func TestMain(m *testing.M) {
 		"keymig": func() int { return Run(os.Args, os.Stdin, os.Stdout, os.Stderr) },
 	})
 	pgtest.Stop() // the scripts' PostgreSQL, if one was started
+	softhsmtest.Cleanup()
 	os.Exit(code)
 }
 
@@ -61,6 +63,14 @@ func TestScripts(t *testing.T) {
 			} else if !errors.Is(err, pgtest.ErrAbsent) || pgtest.Required() {
 				return fmt.Errorf("PostgreSQL for the scripts: %w", err)
 			}
+			// A script that needs SoftHSM2 says [!softhsm] skip and makes
+			// tokens with softhsm-token.
+			if sh, err := softhsmtest.Get(); err == nil {
+				e.Setenv("SOFTHSM2_CONF", sh.Conf)
+				e.Setenv("SOFTHSM_MODULE", sh.Module)
+			} else if !errors.Is(err, softhsmtest.ErrAbsent) || softhsmtest.Required() {
+				return fmt.Errorf("SoftHSM2 for the scripts: %w", err)
+			}
 			e.Defer(func() {
 				for _, err := range keymigtest.CheckTree(e.WorkDir) {
 					e.T().Log(err)
@@ -74,12 +84,17 @@ func TestScripts(t *testing.T) {
 				_, err := pgtest.Get()
 				return err == nil, nil
 			}
+			if cond == "softhsm" {
+				_, err := softhsmtest.Get()
+				return err == nil, nil
+			}
 			return false, fmt.Errorf("unknown condition %q", cond)
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
-			"flip":     cmdFlip,
-			"waitfile": cmdWaitfile,
-			"sigterm":  cmdSigterm,
+			"flip":          cmdFlip,
+			"waitfile":      cmdWaitfile,
+			"sigterm":       cmdSigterm,
+			"softhsm-token": cmdSoftHSMToken,
 		},
 	})
 }
@@ -93,6 +108,25 @@ func cmdFlip(ts *testscript.TestScript, neg bool, args []string) {
 	if err := keymigtest.Flip(ts.MkAbs(args[0]), args[1]); err != nil {
 		ts.Fatalf("%v", err)
 	}
+}
+
+// cmdSoftHSMToken is the script command "softhsm-token NAME": initialise
+// a SoftHSM2 token (user PIN 123456) and set $NAME to its pkcs11: URI and
+// $NAME_LABEL to its label, unique in the test binary.
+func cmdSoftHSMToken(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: softhsm-token NAME")
+	}
+	sh, err := softhsmtest.Get()
+	if err != nil {
+		ts.Fatalf("%v", err)
+	}
+	label, err := sh.Token(args[0])
+	if err != nil {
+		ts.Fatalf("%v", err)
+	}
+	ts.Setenv(args[0], sh.URI(label))
+	ts.Setenv(args[0]+"_LABEL", label)
 }
 
 // cmdWaitfile is the script command "waitfile FILE [LINES]": wait until a

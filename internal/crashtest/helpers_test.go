@@ -21,6 +21,7 @@ import (
 	"github.com/keymig/keymig/internal/failpoint"
 	"github.com/keymig/keymig/internal/keymigtest"
 	"github.com/keymig/keymig/internal/pgtest"
+	"github.com/keymig/keymig/internal/softhsmtest"
 	"github.com/keymig/keymig/internal/testcluster"
 	"github.com/keymig/keymig/journal"
 	"github.com/keymig/keymig/plan"
@@ -49,6 +50,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	pgtest.Stop()
+	softhsmtest.Cleanup()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
