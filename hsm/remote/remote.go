@@ -137,6 +137,9 @@ func (m *Member) post(ctx context.Context, op, session string, in *wire.Call) (*
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&we); err != nil {
 		return nil, hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s answered %s, not a keymig HSM answer; check the address", m.id, m.addr, resp.Status)
 	}
+	if we.Deadline {
+		return nil, fmt.Errorf("HSM %s at %s: %s: %w", m.id, m.addr, op, context.DeadlineExceeded)
+	}
 	if we.Code == "" {
 		return nil, fmt.Errorf("HSM %s at %s: %s: %s", m.id, m.addr, op, we.Msg)
 	}
@@ -231,6 +234,9 @@ func (m *Member) stream(ctx context.Context, op, session string, in *wire.Call, 
 		var it wire.Item
 		if err := dec.Decode(&it); err != nil {
 			return m.transportErr(ctx, op, fmt.Errorf("listing cut short after %d items: %w", n, err))
+		}
+		if it.Error != nil && it.Error.Deadline {
+			return fmt.Errorf("HSM %s at %s: %s: %w", m.id, m.addr, op, context.DeadlineExceeded)
 		}
 		if it.Error != nil {
 			return &hsm.Error{Code: it.Error.Code, Op: it.Error.Op, Key: hsm.KeyRef(it.Error.Key), Msg: it.Error.Msg}

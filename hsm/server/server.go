@@ -239,7 +239,7 @@ func wireError(err error) *wire.Error {
 		return &wire.Error{Code: he.Code, Op: he.Op, Key: uint64(he.Key), Msg: he.Msg}
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
-		return &wire.Error{Code: hsm.CodeUnavailable, Msg: "the caller's deadline passed before the HSM answered"}
+		return &wire.Error{Code: hsm.CodeUnavailable, Msg: "the caller's deadline passed before the HSM answered", Deadline: true}
 	}
 	return &wire.Error{Msg: err.Error()}
 }

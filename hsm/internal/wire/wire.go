@@ -121,6 +121,10 @@ type Error struct {
 	Op   string   `json:"op,omitempty"`
 	Key  uint64   `json:"key,omitempty"`
 	Msg  string   `json:"msg"`
+	// Deadline says the caller's deadline passed before the HSM answered:
+	// the client returns context.DeadlineExceeded, whichever of its own
+	// timer and this answer comes first.
+	Deadline bool `json:"deadline,omitempty"`
 }
 
 // Item is one line of a streamed listing: a key, an audit record, or the
