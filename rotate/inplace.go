@@ -39,9 +39,15 @@ type TableConfig struct {
 	// Table is the table rotated in place.
 	Table Table
 	// Batch is the number of rows per page, transaction and journal item;
-	// default 1000.
+	// default DefaultTableBatch.
 	Batch int
 }
+
+// DefaultTableBatch is the page size of a table rotation. Measured with
+// BenchmarkRotateTable (1,000,000 rows, 2 cores shared with the database):
+// 27,000–29,600 rows/s with pages of 1,000 rows, 31,900–35,700 with 2,500;
+// one UPDATE of 2,500 rows still holds its row locks for milliseconds.
+const DefaultTableBatch = 2500
 
 // TableReport is what an in-place rotation did.
 type TableReport struct {
@@ -153,7 +159,7 @@ type tableJob struct {
 // changed by the application during the run.
 func RunTable(ctx context.Context, j *journal.Journal, cfg TableConfig) (TableReport, error) {
 	if cfg.Batch <= 0 {
-		cfg.Batch = 1000
+		cfg.Batch = DefaultTableBatch
 	}
 	if cfg.Workers <= 0 {
 		cfg.Workers = 64
