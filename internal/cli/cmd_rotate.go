@@ -127,7 +127,9 @@ T2 has the table's layout plus source_sha256 (the SHA-256 of the value each
 row was rotated from); C adds the columns C, C_master_label, C_master_kcv,
 C_alg and C_source_sha256. Both are made if missing. A row the application
 rewrites after it was rotated no longer matches its source_sha256 and is
-rotated again by the final pass. Check with keymig datakeys verify and the
+rotated again by the final pass. Rows already under the new master (from
+an earlier in-place run) are left where they are, not copied. Check with
+keymig datakeys verify and the
 same flags (every new value must hold the same data key as the old one),
 move the application to the new values, then drop the old ones yourself.
 
