@@ -37,6 +37,10 @@ type tableFixture struct {
 	n           *atomic.Int64
 }
 
+// tableFixtures numbers the fixtures' databases: the server is shared by
+// every test of the binary (and every -count round).
+var tableFixtures atomic.Int64
+
 var fingerprintRe = regexp.MustCompile(`fingerprint +([0-9a-f]{64})`)
 
 func newTableFixture(t *testing.T, rows int) tableFixture {
@@ -44,7 +48,7 @@ func newTableFixture(t *testing.T, rows int) tableFixture {
 	srv := pgtest.Shared(t)
 	dir := t.TempDir()
 	f := tableFixture{srv: srv, cluster: filepath.Join(dir, "hsm"), rows: rows, n: new(atomic.Int64)}
-	f.db = fmt.Sprintf("crash_%d", srv.Port())
+	f.db = fmt.Sprintf("crash_%d_%d", srv.Port(), tableFixtures.Add(1))
 	if _, err := srv.CreateDB(f.db); err != nil {
 		t.Fatal(err)
 	}
