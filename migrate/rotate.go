@@ -141,8 +141,12 @@ func (m *Migration) findNewMaster(ctx context.Context, pi plan.Item) (*hsm.KeyIn
 	if err != nil || len(hits) <= 1 {
 		return first(hits), err
 	}
-	return nil, fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); the data keys rotated so far name their master's check value in %s (or its .partial): keep that key, delete the others, then run migrate again",
-		pi.Ref, pi.Label, len(hits), refs(hits), pi.Rotation.Out)
+	where := pi.Rotation.Out + " (or its .partial)"
+	if pi.Rotation.Table {
+		where = "the master_kcv column of " + pi.Rotation.In
+	}
+	return nil, fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); the data keys rotated so far name their master's check value in %s: keep that key, delete the others, then run migrate again",
+		pi.Ref, pi.Label, len(hits), refs(hits), where)
 }
 
 // makeNewMaster generates the new master: the old key's label, id and

@@ -159,3 +159,20 @@ func MarkerLines(path string) int {
 	}
 	return strings.Count(string(b), "\n")
 }
+
+// NeedComponent settles a test's need of a real component (PostgreSQL,
+// SoftHSM2) from the error of starting it: nil goes on; absent skips with
+// err's message (which names the Debian package), or fails when the
+// variable requireEnv is "1", as CI sets it; any other error fails.
+func NeedComponent(t testing.TB, err, absent error, requireEnv string) {
+	t.Helper()
+	switch {
+	case err == nil:
+	case errors.Is(err, absent) && os.Getenv(requireEnv) == "1":
+		t.Fatalf("%v, and %s=1 requires it", err, requireEnv)
+	case errors.Is(err, absent):
+		t.Skip(err.Error())
+	default:
+		t.Fatal(err)
+	}
+}

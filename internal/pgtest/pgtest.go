@@ -21,6 +21,7 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/keymig/keymig/internal/keymigtest"
 )
 
 // Password is the password of the server's superuser, keymig.
@@ -50,15 +51,7 @@ var (
 func Shared(t testing.TB) *Server {
 	t.Helper()
 	srv, err := Get()
-	if errors.Is(err, ErrAbsent) {
-		if Required() {
-			t.Fatalf("%v, and %s=1 requires it", err, RequireEnv)
-		}
-		t.Skip(err.Error())
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	keymigtest.NeedComponent(t, err, ErrAbsent, RequireEnv)
 	return srv
 }
 

@@ -22,6 +22,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"github.com/keymig/keymig/internal/keymigtest"
 )
 
 // RequireEnv, set to 1, turns a missing SoftHSM2 into a failure.
@@ -73,15 +75,7 @@ func Get() (*Env, error) {
 func Shared(t testing.TB) *Env {
 	t.Helper()
 	e, err := Get()
-	if errors.Is(err, ErrAbsent) {
-		if Required() {
-			t.Fatalf("%v, and %s=1 requires it", err, RequireEnv)
-		}
-		t.Skip(err.Error())
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	keymigtest.NeedComponent(t, err, ErrAbsent, RequireEnv)
 	return e
 }
 
