@@ -143,7 +143,7 @@ func (m *Migration) findNewMaster(ctx context.Context, pi plan.Item) (*hsm.KeyIn
 	}
 	where := pi.Rotation.Out + " (or its .partial)"
 	if pi.Rotation.Table {
-		where = "the master_kcv column of " + pi.Rotation.In
+		where = "the master-KCV column of " + pi.Rotation.In
 	}
 	return nil, fmt.Errorf("key %s (label %q): the target holds %d candidate new masters (%s); the data keys rotated so far name their master's check value in %s: keep that key, delete the others, then run migrate again",
 		pi.Ref, pi.Label, len(hits), refs(hits), where)
