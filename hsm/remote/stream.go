@@ -84,9 +84,6 @@ func (m *Member) viaStream(ctx context.Context, op, session string, body []byte,
 	p := &pending{ctx: ctx, op: op, session: session, body: body, done: make(chan answer, 1)}
 	for {
 		cs, err := m.callStream(ctx, op)
-		if errors.Is(err, errNoStreams) {
-			return m.callOne(ctx, op, session, body, out)
-		}
 		if err != nil {
 			return err
 		}
@@ -160,22 +157,20 @@ func (m *Member) openStream(ctx context.Context, op string) (*callStream, error)
 		}
 		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK || resp.Header.Get(wire.HeaderStream) == "" {
-		// A daemon replaced by one that takes no streams: calls go in
-		// requests of their own again.
-		cancel()
-		resp.Body.Close()
-		m.canStream.Store(false)
-		return nil, errNoStreams
+	if resp.StatusCode != http.StatusOK {
+		defer cancel()
+		defer resp.Body.Close()
+		var we wire.Error
+		if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&we); err != nil {
+			return nil, hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s answered %s to a stream of calls, not a keymig HSM answer; check the address", m.id, m.addr, resp.Status)
+		}
+		return nil, m.answerErr(op, &we)
 	}
 	cs := &callStream{m: m, pw: pw, cancel: cancel, wake: make(chan struct{}, 1), done: make(chan struct{}), calls: map[uint64]*pending{}}
 	go cs.write()
 	go cs.read(resp.Body)
 	return cs, nil
 }
-
-// errNoStreams says the HSM no longer takes streams of calls.
-var errNoStreams = errors.New("the HSM takes no streams of calls")
 
 // add queues p, or reports that the stream has ended.
 func (cs *callStream) add(p *pending) bool {

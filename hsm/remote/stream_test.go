@@ -6,19 +6,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/keymig/keymig/hsm"
 	"github.com/keymig/keymig/hsm/cluster"
-	"github.com/keymig/keymig/hsm/internal/wire"
 	"github.com/keymig/keymig/hsm/node"
 	"github.com/keymig/keymig/hsm/pki"
-	"github.com/keymig/keymig/hsm/remote"
 	"github.com/keymig/keymig/hsm/server"
 )
 
@@ -239,63 +235,5 @@ func TestStreamShutdownDrains(t *testing.T) {
 	}
 	if err := <-shut; err != nil {
 		t.Errorf("shutdown: %v", err)
-	}
-}
-
-// oldAnswer is the answer of a daemon from before streams of calls: it
-// does not say it takes them.
-type oldAnswer struct{ http.ResponseWriter }
-
-func (w oldAnswer) WriteHeader(code int) {
-	w.Header().Del(wire.HeaderStream)
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w oldAnswer) Write(b []byte) (int, error) {
-	w.Header().Del(wire.HeaderStream)
-	return w.ResponseWriter.Write(b)
-}
-
-// TestNoStreamsFallsBack: a client that learnt its HSM takes streams of
-// calls, facing a daemon that does not (an older one put back in its
-// place), makes its calls in requests of their own again.
-func TestNoStreamsFallsBack(t *testing.T) {
-	n := newNode(t, node.Options{})
-	srv := server.New(n, server.Options{})
-	var old atomic.Bool
-	var refused atomic.Int64
-	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case !old.Load():
-			srv.ServeHTTP(w, r)
-		case strings.HasSuffix(r.URL.Path, "/"+wire.OpStream):
-			refused.Add(1)
-			http.Error(w, "not a keymig HSM call", http.StatusNotFound)
-		default:
-			srv.ServeHTTP(oldAnswer{w}, r)
-		}
-	})
-	protos := new(http.Protocols)
-	protos.SetUnencryptedHTTP2(true)
-	hs := &http.Server{Handler: h, Protocols: protos}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go hs.Serve(ln)
-	t.Cleanup(func() { hs.Close() })
-	m := remote.New(n.ID(), ln.Addr().String(), nil)
-	t.Cleanup(func() { m.Close() })
-	s := loginAlice(t, m)
-	m.Close() // the daemon is replaced: the next call connects again
-	old.Store(true)
-	ctx := ctxT(t)
-	for i := range 3 {
-		if _, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: fmt.Sprint("k", i)}}); err != nil {
-			t.Fatalf("call %d to a daemon without streams: %v", i, err)
-		}
-	}
-	if got := refused.Load(); got != 1 {
-		t.Errorf("the stream was asked for %d times, want once", got)
 	}
 }
