@@ -60,28 +60,15 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, r *http
 	}()
 
 	var (
-		running sync.WaitGroup // calls handed to workers and not answered
+		running sync.WaitGroup
 		mu      sync.Mutex
 		stopped bool // under mu: no call is started any more
 	)
-	// Calls run on workers that live as long as the stream, so that a call
-	// does not pay for a new goroutine and for growing its stack (JSON and
-	// the HSM's work grow it past its first size: 14% of the CPU time of
-	// BenchmarkWrap/remote with a goroutine per call). A call goes to an
-	// idle worker, or to a new one when none is idle.
-	work := make(chan *wire.StreamCall)
-	sem := make(chan struct{}, maxStreamCalls)
-	worker := func(c *wire.StreamCall) {
-		for ; c != nil; c = <-work {
-			answers <- s.runStreamCall(ctx, c)
-			<-sem
-			running.Done()
-		}
-	}
 	stop := make(chan struct{}) // closed with stopped set, to wake the reader
 	read := make(chan struct{})
 	go func() {
 		defer close(read)
+		sem := make(chan struct{}, maxStreamCalls)
 		dec := json.NewDecoder(r.Body)
 		for {
 			c := new(wire.StreamCall)
@@ -105,11 +92,11 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, r *http
 			}
 			running.Add(1)
 			mu.Unlock()
-			select {
-			case work <- c:
-			default:
-				go worker(c)
-			}
+			go func() {
+				defer running.Done()
+				defer func() { <-sem }()
+				answers <- s.runStreamCall(ctx, c)
+			}()
 		}
 	}()
 	shutdown := false
@@ -127,7 +114,6 @@ func (s *Server) serveStream(ctx context.Context, w http.ResponseWriter, r *http
 		s.log.Info(StreamDrained, "remote", r.RemoteAddr)
 	}
 	running.Wait()
-	close(work) // the workers end; the reader hands them nothing more
 	close(answers)
 	<-written
 }
