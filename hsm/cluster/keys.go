@@ -257,11 +257,21 @@ func (s *session) repair(ctx context.Context, ref hsm.KeyRef, listings map[strin
 }
 
 // merge combines per-HSM listings into one list ordered by handle, with
-// coverage, and updates the key map with what the HSMs said.
+// coverage, and updates the key map with what the HSMs said. A key this
+// cluster deleted (or undid after a refused create) while an HSM that holds
+// it could not be reached is left out: it is deleted, and Sync deletes it
+// there. Listing it would let a caller adopt it as its own (migrate looks
+// on the target before it makes a key again) and lose it at that Sync.
 func (c *Cluster) merge(listings map[string][]hsm.KeyInfo, answered map[string]bool) []hsm.KeyInfo {
 	type entry struct {
 		info   hsm.KeyInfo
 		copies map[string]hsm.KeyInfo
+	}
+	c.mu.RLock()
+	deleted := slices.Clone(c.cfg.Deleted)
+	c.mu.RUnlock()
+	for id, keys := range listings {
+		listings[id] = slices.DeleteFunc(slices.Clone(keys), func(k hsm.KeyInfo) bool { return slices.Contains(deleted, k.Ref) })
 	}
 	byRef := map[hsm.KeyRef]*entry{}
 	ids := make([]string, 0, len(listings))

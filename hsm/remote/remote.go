@@ -10,7 +10,9 @@
 // itself at its next call (its session keys are gone, as after a CloudHSM
 // client reconnects).
 //
-// Every call carries the caller's deadline. Error codes, and so whether a
+// Once the HSM says it takes them, calls travel on one long-lived stream
+// request on that connection, so that calls made at once share its frames
+// and syscalls (stream.go). Every call carries the caller's deadline. Error codes, and so whether a
 // retry may help, survive the wire; a network failure is an unavailable
 // error naming the HSM and its address, which the cluster retries on
 // another HSM. This package retries nothing itself: retries belong to
@@ -29,6 +31,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keymig/keymig/hsm"
@@ -46,8 +49,12 @@ const untimedCallTimeout = 2 * time.Minute
 type Member struct {
 	id, addr string
 	base     string
-	tr       *http.Transport
-	hc       *http.Client
+	tlsCfg   *tls.Config
+	protos   *http.Protocols
+
+	link      atomic.Pointer[link] // the connection calls go on; Close starts a new one
+	canStream atomic.Bool          // the HSM has said it takes OpStream
+	streams
 }
 
 var _ cluster.Member = (*Member)(nil)
@@ -64,15 +71,78 @@ func New(id, addr string, tlsCfg *tls.Config) *Member {
 	} else {
 		p.SetHTTP2(true)
 	}
-	tr := &http.Transport{
-		TLSClientConfig:     tlsCfg,
-		Protocols:           p,
-		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+	m := &Member{id: id, addr: addr, base: scheme + "://" + addr + wire.Path, tlsCfg: tlsCfg, protos: p}
+	m.link.Store(m.newLink())
+	return m
+}
+
+// link is an HTTP/2 transport and the connections it dialled.
+type link struct {
+	tr *http.Transport
+	hc *http.Client
+
+	mu    sync.Mutex
+	conns map[net.Conn]bool // open connections (one, but for a moment when it breaks)
+}
+
+func (m *Member) newLink() *link {
+	l := &link{conns: map[net.Conn]bool{}}
+	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}
+	l.tr = &http.Transport{
+		TLSClientConfig: m.tlsCfg,
+		Protocols:       m.protos,
+		DialContext: func(ctx context.Context, network, address string) (net.Conn, error) {
+			c, err := dialer.DialContext(ctx, network, address)
+			if err != nil {
+				return nil, err
+			}
+			tc := &trackedConn{Conn: c, l: l}
+			l.mu.Lock()
+			l.conns[tc] = true
+			l.mu.Unlock()
+			return tc, nil
+		},
 		TLSHandshakeTimeout: 10 * time.Second,
 		// One connection per HSM: the sessions opened on it live there.
 		HTTP2: &http.HTTP2Config{StrictMaxConcurrentRequests: true, SendPingTimeout: 15 * time.Second, PingTimeout: 10 * time.Second},
 	}
-	return &Member{id: id, addr: addr, base: scheme + "://" + addr + wire.Path, tr: tr, hc: &http.Client{Transport: tr}}
+	l.hc = &http.Client{Transport: l.tr}
+	return l
+}
+
+// close closes the link's connections, whatever is in flight on them.
+func (l *link) close() {
+	l.tr.CloseIdleConnections()
+	l.mu.Lock()
+	var open []net.Conn
+	for c := range l.conns {
+		open = append(open, c)
+	}
+	l.mu.Unlock()
+	for _, c := range open {
+		c.Close()
+	}
+}
+
+// trackedConn is a connection of a link's.
+type trackedConn struct {
+	net.Conn
+	l    *link
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		delete(c.l.conns, c)
+		c.l.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// do sends a request on the Member's current connection.
+func (m *Member) do(req *http.Request) (*http.Response, error) {
+	return m.link.Load().hc.Do(req)
 }
 
 // ID is the HSM's id.
@@ -81,11 +151,18 @@ func (m *Member) ID() string { return m.id }
 // Addr is the address the HSM is reached at.
 func (m *Member) Addr() string { return m.addr }
 
-// Close closes the connection (at once if idle, else when its calls in
-// flight end); the server then ends every session opened through this
-// Member.
+// Close closes the connection once the calls in flight on its stream of
+// calls end (waiting at most closeStreamWait); other calls still in flight
+// fail. The server then ends every session opened through this Member. A
+// call made later opens a new connection.
 func (m *Member) Close() error {
-	m.tr.CloseIdleConnections()
+	m.streams.mu.Lock()
+	cs := m.streams.cur
+	m.streams.mu.Unlock()
+	if cs != nil {
+		cs.close()
+	}
+	m.link.Swap(m.newLink()).close()
 	return nil
 }
 
@@ -94,9 +171,23 @@ func (m *Member) Ping(ctx context.Context) error {
 	return m.call(ctx, wire.OpPing, "", &wire.Call{}, &wire.Result{})
 }
 
-// call makes one operation and decodes its result into out.
+// call makes one operation and decodes its result into out. Once the HSM
+// has said it takes streams of calls, the call goes on the Member's stream
+// (stream.go).
 func (m *Member) call(ctx context.Context, op, session string, in *wire.Call, out *wire.Result) error {
-	resp, err := m.post(ctx, op, session, in)
+	body, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	if m.canStream.Load() {
+		return m.viaStream(ctx, op, session, body, out)
+	}
+	return m.callOne(ctx, op, session, body, out)
+}
+
+// callOne makes one operation in a request of its own.
+func (m *Member) callOne(ctx context.Context, op, session string, body []byte, out *wire.Result) error {
+	resp, err := m.post(ctx, op, session, body)
 	if err != nil {
 		return err
 	}
@@ -109,11 +200,7 @@ func (m *Member) call(ctx context.Context, op, session string, in *wire.Call, ou
 
 // post sends a call and returns a successful response, or the error the
 // HSM answered with.
-func (m *Member) post(ctx context.Context, op, session string, in *wire.Call) (*http.Response, error) {
-	body, err := json.Marshal(in)
-	if err != nil {
-		return nil, err
-	}
+func (m *Member) post(ctx context.Context, op, session string, body []byte) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, m.base+op, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
@@ -125,9 +212,12 @@ func (m *Member) post(ctx context.Context, op, session string, in *wire.Call) (*
 	if dl, ok := ctx.Deadline(); ok {
 		req.Header.Set(wire.HeaderDeadline, dl.UTC().Format(time.RFC3339Nano))
 	}
-	resp, err := m.hc.Do(req)
+	resp, err := m.do(req)
 	if err != nil {
 		return nil, m.transportErr(ctx, op, err)
+	}
+	if resp.Header.Get(wire.HeaderStream) != "" && !m.canStream.Load() {
+		m.canStream.Store(true)
 	}
 	if resp.StatusCode == http.StatusOK {
 		return resp, nil
@@ -137,13 +227,21 @@ func (m *Member) post(ctx context.Context, op, session string, in *wire.Call) (*
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&we); err != nil {
 		return nil, hsm.Errorf(hsm.CodeUnavailable, op, 0, "HSM %s at %s answered %s, not a keymig HSM answer; check the address", m.id, m.addr, resp.Status)
 	}
+	return nil, m.answerErr(op, &we)
+}
+
+// answerErr is the error an HSM answered a call with.
+func (m *Member) answerErr(op string, we *wire.Error) error {
 	if we.Deadline {
-		return nil, fmt.Errorf("HSM %s at %s: %s: %w", m.id, m.addr, op, context.DeadlineExceeded)
+		return fmt.Errorf("HSM %s at %s: %s: %w", m.id, m.addr, op, context.DeadlineExceeded)
+	}
+	if we.Unknown {
+		return &lostAnswer{&hsm.Error{Code: hsm.CodeUnavailable, Op: we.Op, Key: hsm.KeyRef(we.Key), Msg: fmt.Sprintf("HSM %s at %s: %s", m.id, m.addr, we.Msg)}}
 	}
 	if we.Code == "" {
-		return nil, fmt.Errorf("HSM %s at %s: %s: %s", m.id, m.addr, op, we.Msg)
+		return fmt.Errorf("HSM %s at %s: %s: %s", m.id, m.addr, op, we.Msg)
 	}
-	return nil, &hsm.Error{Code: we.Code, Op: we.Op, Key: hsm.KeyRef(we.Key), Msg: we.Msg}
+	return &hsm.Error{Code: we.Code, Op: we.Op, Key: hsm.KeyRef(we.Key), Msg: we.Msg}
 }
 
 // transportErr describes a call that got no answer: the caller's context
@@ -158,7 +256,7 @@ func (m *Member) transportErr(ctx context.Context, op string, err error) error {
 		return hsm.Errorf(hsm.CodePermission, op, 0, "TLS handshake refused: %s", ve.Msg)
 	}
 	msg := pki.ExplainRemote(err, m.id, m.addr)
-	if msg == "" && m.tr.TLSClientConfig != nil && refusedEarly(err) {
+	if msg == "" && m.tlsCfg != nil && refusedEarly(err) {
 		msg = m.diagnose(ctx)
 	}
 	if msg != "" {
@@ -208,7 +306,7 @@ func refusedEarly(err error) bool {
 func (m *Member) diagnose(ctx context.Context) string {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	d := tls.Dialer{Config: m.tr.TLSClientConfig.Clone()}
+	d := tls.Dialer{Config: m.tlsCfg.Clone()}
 	c, err := d.DialContext(ctx, "tcp", m.addr)
 	if err != nil {
 		return pki.ExplainRemote(err, m.id, m.addr)
@@ -223,7 +321,11 @@ func (m *Member) diagnose(ctx context.Context) string {
 
 // stream makes a streamed listing, calling fn for each item.
 func (m *Member) stream(ctx context.Context, op, session string, in *wire.Call, fn func(*wire.Item) error) error {
-	resp, err := m.post(ctx, op, session, in)
+	body, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	resp, err := m.post(ctx, op, session, body)
 	if err != nil {
 		return err
 	}
@@ -235,11 +337,8 @@ func (m *Member) stream(ctx context.Context, op, session string, in *wire.Call, 
 		if err := dec.Decode(&it); err != nil {
 			return m.transportErr(ctx, op, fmt.Errorf("listing cut short after %d items: %w", n, err))
 		}
-		if it.Error != nil && it.Error.Deadline {
-			return fmt.Errorf("HSM %s at %s: %s: %w", m.id, m.addr, op, context.DeadlineExceeded)
-		}
 		if it.Error != nil {
-			return &hsm.Error{Code: it.Error.Code, Op: it.Error.Op, Key: hsm.KeyRef(it.Error.Key), Msg: it.Error.Msg}
+			return m.answerErr(op, it.Error)
 		}
 		if it.End {
 			if it.Count != n {

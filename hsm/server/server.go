@@ -6,16 +6,20 @@
 // Sessions belong to the connection that logged in: a session token sent
 // on another connection is refused, and when a connection closes every
 // session opened on it is logged out, so its session keys die with it, as
-// in CloudHSM. Each call runs under the caller's deadline (a header) and is
-// cancelled when the caller goes away.
+// in CloudHSM. Each call runs under the caller's deadline (a header, or a
+// field of a call on a stream) and is cancelled when the caller's
+// connection goes away. A client's calls usually travel on one long-lived
+// stream request (stream.go), each answered as soon as it is done.
 //
 // The peer API (listing every key, masked copies, user records,
 // snapshots) needs no login, as between the HSMs of a cluster: it is
 // guarded by TLS alone, so a cluster outside a rehearsal runs with mutual
 // TLS enforcement on.
 //
-// Shutdown stops accepting, waits for the calls in flight, then logs out
-// every session. A Server is safe for concurrent use.
+// Shutdown stops accepting, stops running new calls from streams (a call
+// sent after that is answered as never run), waits for the calls in
+// flight, then logs out every session. A Server is safe for concurrent
+// use.
 package server
 
 import (
@@ -60,6 +64,9 @@ type Server struct {
 	http *http.Server
 	tls  *tls.Config
 
+	closing   chan struct{} // closed by Shutdown: streams of calls end
+	closeOnce sync.Once
+
 	mu       sync.Mutex
 	sessions map[string]*session
 	conns    map[net.Conn]*conn
@@ -87,7 +94,7 @@ func New(m cluster.Member, o Options) *Server {
 	if lg == nil {
 		lg = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{m: m, log: lg.With("hsm", m.ID()), tls: o.TLS, sessions: map[string]*session{}, conns: map[net.Conn]*conn{}}
+	s := &Server{m: m, log: lg.With("hsm", m.ID()), tls: o.TLS, closing: make(chan struct{}), sessions: map[string]*session{}, conns: map[net.Conn]*conn{}}
 	p := new(http.Protocols)
 	p.SetHTTP2(true)
 	if o.TLS == nil {
@@ -127,6 +134,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // Shutdown stops accepting connections, waits for calls in flight (until
 // ctx ends), then logs out every session.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.closeOnce.Do(func() { close(s.closing) })
 	err := s.http.Shutdown(ctx)
 	s.mu.Lock()
 	all := s.sessions
@@ -176,7 +184,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "not a keymig HSM call", http.StatusNotFound)
 		return
 	}
+	w.Header().Set(wire.HeaderStream, "1")
 	ctx := r.Context()
+	if op == wire.OpStream {
+		s.serveStream(ctx, w, r)
+		return
+	}
 	if d := r.Header.Get(wire.HeaderDeadline); d != "" {
 		t, err := time.Parse(time.RFC3339Nano, d)
 		if err != nil {
@@ -192,23 +205,30 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, hsm.Errorf(hsm.CodeInvalidInput, op, 0, "the call's body is not valid JSON: %v", err))
 		return
 	}
+	tok := r.Header.Get(wire.HeaderSession)
 	var err error
 	switch op {
 	case wire.OpListKeys, wire.OpPeerListKeys, wire.OpAudit:
-		err = s.stream(ctx, w, r, op, &in)
+		if err = s.stream(ctx, w, tok, op, &in); err == nil {
+			return
+		}
 	default:
 		var out wire.Result
-		if err = s.dispatch(ctx, r, op, &in, &out); err == nil {
+		if err = s.dispatch(ctx, tok, op, &in, &out); err == nil {
 			w.Header().Set("Content-Type", "application/json")
 			json.NewEncoder(w).Encode(&out)
 			return
 		}
 	}
-	if err != nil {
-		if hsm.CodeOf(err) == "" && ctx.Err() == nil {
-			s.log.Warn("call failed", "op", op, "err", err)
-		}
-		writeErr(w, err)
+	s.logFailed(ctx, op, err)
+	writeErr(w, err)
+}
+
+// logFailed logs a call that failed other than with an HSM's refusal or
+// because its caller went away.
+func (s *Server) logFailed(ctx context.Context, op string, err error) {
+	if hsm.CodeOf(err) == "" && ctx.Err() == nil {
+		s.log.Warn("call failed", "op", op, "err", err)
 	}
 }
 
@@ -244,11 +264,10 @@ func wireError(err error) *wire.Error {
 	return &wire.Error{Msg: err.Error()}
 }
 
-// sessionOf returns the session a call names, refusing one opened on
-// another connection or already ended.
-func (s *Server) sessionOf(r *http.Request, op string) (hsm.FullSession, error) {
-	tok := r.Header.Get(wire.HeaderSession)
-	cn, _ := r.Context().Value(connKey{}).(*conn)
+// sessionOf returns the session tok names, refusing one opened on another
+// connection than the call's (ctx) or already ended.
+func (s *Server) sessionOf(ctx context.Context, tok, op string) (hsm.FullSession, error) {
+	cn, _ := ctx.Value(connKey{}).(*conn)
 	s.mu.Lock()
 	ss, ok := s.sessions[tok]
 	s.mu.Unlock()
@@ -266,12 +285,12 @@ func (s *Server) sessionOf(r *http.Request, op string) (hsm.FullSession, error) 
 // longer open; hsm/remote logs in again when it sees it.
 const SessionEnded = "session ended"
 
-func (s *Server) login(ctx context.Context, r *http.Request, in *wire.Call, out *wire.Result) error {
+func (s *Server) login(ctx context.Context, in *wire.Call, out *wire.Result) error {
 	sess, err := s.m.Login(ctx, hsm.Credentials{User: in.User, Password: in.Password})
 	if err != nil {
 		return err
 	}
-	cn, _ := r.Context().Value(connKey{}).(*conn)
+	cn, _ := ctx.Value(connKey{}).(*conn)
 	b := make([]byte, 16)
 	rand.Read(b)
 	tok := hex.EncodeToString(b)
@@ -291,9 +310,8 @@ func (s *Server) login(ctx context.Context, r *http.Request, in *wire.Call, out 
 	return nil
 }
 
-func (s *Server) logout(ctx context.Context, r *http.Request) error {
-	tok := r.Header.Get(wire.HeaderSession)
-	cn, _ := r.Context().Value(connKey{}).(*conn)
+func (s *Server) logout(ctx context.Context, tok string) error {
+	cn, _ := ctx.Value(connKey{}).(*conn)
 	s.mu.Lock()
 	ss, ok := s.sessions[tok]
 	if ok && ss.conn == cn {
@@ -309,15 +327,16 @@ func (s *Server) logout(ctx context.Context, r *http.Request) error {
 	return ss.s.Logout(ctx)
 }
 
-func (s *Server) dispatch(ctx context.Context, r *http.Request, op string, in *wire.Call, out *wire.Result) error {
+// dispatch runs one call; tok is the session it names, if any.
+func (s *Server) dispatch(ctx context.Context, tok, op string, in *wire.Call, out *wire.Result) error {
 	m := s.m
 	switch op {
 	case wire.OpPing:
 		return nil
 	case wire.OpLogin:
-		return s.login(ctx, r, in, out)
+		return s.login(ctx, in, out)
 	case wire.OpLogout:
-		return s.logout(ctx, r)
+		return s.logout(ctx, tok)
 	case wire.OpBootstrap:
 		return m.Bootstrap(ctx, hsm.Credentials{User: in.User, Password: in.Password})
 	case wire.OpSetFault:
@@ -376,7 +395,7 @@ func (s *Server) dispatch(ctx context.Context, r *http.Request, op string, in *w
 	case wire.OpRestoreSnapshot:
 		return m.RestoreSnapshot(ctx, in.Data)
 	}
-	sess, err := s.sessionOf(r, op)
+	sess, err := s.sessionOf(ctx, tok, op)
 	if err != nil {
 		return err
 	}
@@ -491,7 +510,7 @@ func sessionCall(ctx context.Context, s hsm.FullSession, op string, in *wire.Cal
 }
 
 // stream answers a listing as JSON lines and a trailer.
-func (s *Server) stream(ctx context.Context, w http.ResponseWriter, r *http.Request, op string, in *wire.Call) error {
+func (s *Server) stream(ctx context.Context, w http.ResponseWriter, tok, op string, in *wire.Call) error {
 	var items []wire.Item
 	switch op {
 	case wire.OpPeerListKeys, wire.OpListKeys:
@@ -500,7 +519,7 @@ func (s *Server) stream(ctx context.Context, w http.ResponseWriter, r *http.Requ
 		if op == wire.OpPeerListKeys {
 			keys, err = s.m.PeerListKeys(ctx)
 		} else {
-			sess, serr := s.sessionOf(r, op)
+			sess, serr := s.sessionOf(ctx, tok, op)
 			if serr != nil {
 				return serr
 			}

@@ -3,9 +3,21 @@
 // by a JSON Result, or by an error body whose hsm.Error keeps its code (and
 // so whether a retry may help). Listings are streamed as JSON lines ending
 // with a trailer that counts them, so a cut-short listing is detected.
+//
+// A client may instead send its calls on one long-lived OpStream request
+// (a server that takes it says so with HeaderStream on every answer): its
+// body is a sequence of StreamCall, each with its own id, operation,
+// session and deadline; the server runs them at once and writes each one's
+// StreamAnswer when it is done, in any order. Calls made at once then share
+// HTTP/2 frames, TLS records and syscalls, and none waits for another's
+// answer. The server ends the answer with End once it reads no more calls;
+// a call it has not answered by then it never ran.
 package wire
 
 import (
+	"encoding/json"
+	"time"
+
 	"github.com/keymig/keymig/hsm"
 )
 
@@ -19,6 +31,8 @@ const (
 	// HeaderDeadline carries the caller's deadline (RFC 3339, nanoseconds);
 	// the server runs the operation under it.
 	HeaderDeadline = "Keymig-Deadline"
+	// HeaderStream is set on every answer of a server that takes OpStream.
+	HeaderStream = "Keymig-Stream"
 )
 
 // Operations that need no session: the peer API and the HSM's management.
@@ -39,6 +53,9 @@ const (
 	OpSnapshot           = "snapshot"
 	OpRestoreSnapshot    = "restore-snapshot"
 	OpPing               = "ping"
+	// OpStream carries a sequence of StreamCall, answered by a sequence
+	// of StreamAnswer. Streamed listings and streams cannot travel in it.
+	OpStream = "stream"
 )
 
 // Operations of a logged-in session (HeaderSession set).
@@ -98,6 +115,26 @@ type Call struct {
 	Approvals []hsm.QuorumApproval `json:"approvals,omitempty"`
 }
 
+// StreamCall is one call of an OpStream: what its own request would carry
+// in its path, headers and body (a Call, encoded by its caller), and an id
+// its answer names.
+type StreamCall struct {
+	ID       uint64          `json:"id"`
+	Op       string          `json:"op"`
+	Session  string          `json:"session,omitempty"`
+	Deadline time.Time       `json:"deadline,omitzero"`
+	Call     json.RawMessage `json:"call"`
+}
+
+// StreamAnswer is the answer of the call ID of an OpStream: its Result or
+// its Error. The last one has End set, and nothing else.
+type StreamAnswer struct {
+	ID     uint64  `json:"id,omitempty"`
+	Result *Result `json:"result,omitempty"`
+	Error  *Error  `json:"error,omitempty"`
+	End    bool    `json:"end,omitempty"`
+}
+
 // Result is the answer of every operation that is not streamed.
 type Result struct {
 	Session string            `json:"session,omitempty"`
@@ -125,6 +162,9 @@ type Error struct {
 	// the client returns context.DeadlineExceeded, whichever of its own
 	// timer and this answer comes first.
 	Deadline bool `json:"deadline,omitempty"`
+	// Unknown says the HSM failed while it did the call, which may have
+	// taken effect: the client reports an outcome it does not know.
+	Unknown bool `json:"unknown,omitempty"`
 }
 
 // Item is one line of a streamed listing: a key, an audit record, or the
