@@ -88,10 +88,13 @@ func (c *Cluster) spread(ctx context.Context, ref hsm.KeyRef) int {
 	return len(holders)
 }
 
-// undoCreate deletes keys a refused create made, wherever they are; an HSM
-// that cannot be reached is left to Sync through the deleted-keys list.
+// undoCreate deletes keys a refused create made, wherever they are. A key
+// an HSM holding it could not delete is recorded as deleted and that HSM as
+// behind: listings leave the key out, the next create deletes it there once
+// the HSM is back (finishDeletes), and so does Sync.
 func (c *Cluster) undoCreate(ctx context.Context, refs []hsm.KeyRef) {
 	var left []hsm.KeyRef
+	var missed []string
 	for _, ref := range refs {
 		holders, _ := c.keys.get(ref)
 		for _, id := range holders {
@@ -102,9 +105,13 @@ func (c *Cluster) undoCreate(ctx context.Context, refs []hsm.KeyRef) {
 			err := c.call(ctx, m, func(ctx context.Context) error { return m.m.PeerDeleteKey(ctx, ref) })
 			if err != nil && hsm.CodeOf(err) != hsm.CodeNotFound {
 				left = append(left, ref)
+				missed = append(missed, id)
 			}
 		}
 		c.keys.remove(ref)
+	}
+	if len(missed) > 0 {
+		c.markBehind(missed...)
 	}
 	if len(left) > 0 {
 		_ = c.updateConfig(func(cfg *config) {

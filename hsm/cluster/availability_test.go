@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/keymig/keymig/hsm"
@@ -158,5 +159,101 @@ func TestOpenSyncsReturnedHSM(t *testing.T) {
 	}
 	if cfg, _ := readConfig(dir); len(cfg.Behind) != 0 {
 		t.Errorf("cluster.json behind = %v after the sync, want none", cfg.Behind)
+	}
+}
+
+// stuckPeer is a member whose masked inserts and deletes fail while stuck
+// is set, as when an HSM dies between answering a create and the cluster's
+// undo of it.
+type stuckPeer struct {
+	Member
+	stuck *atomic.Bool
+}
+
+var errStuck = errors.New("injected: the HSM did not take the call")
+
+func (p stuckPeer) PeerInsertMasked(ctx context.Context, blob []byte) (hsm.KeyInfo, error) {
+	if p.stuck.Load() {
+		return hsm.KeyInfo{}, errStuck
+	}
+	return p.Member.PeerInsertMasked(ctx, blob)
+}
+
+func (p stuckPeer) PeerDeleteKey(ctx context.Context, ref hsm.KeyRef) error {
+	if p.stuck.Load() {
+		return errStuck
+	}
+	return p.Member.PeerDeleteKey(ctx, ref)
+}
+
+// A create refused because its key reached one HSM, whose undo could not
+// delete it there, leaves a key the caller was told was not made: no
+// listing or lookup shows it (a caller looking for an earlier attempt
+// would adopt it, and Sync would then delete it under them), the retry of
+// the create makes the key again despite the id the undone one holds, and
+// the undone key is gone from every HSM afterwards.
+func TestUndoneCreateIsNeitherListedNorInTheWay(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, 2)
+	ids := hsmIDs(c)
+	var stuck atomic.Bool
+	for _, id := range ids {
+		m := c.memberByID(id)
+		m.m = stuckPeer{Member: m.m, stuck: &stuck}
+	}
+	s := login(t, c, alice)
+	spec := hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: "undone", ID: hsm.Bytes("k1")}}
+
+	stuck.Store(true)
+	if _, err := s.GenerateKey(ctx, spec); !errors.Is(err, hsm.ErrQuorum) {
+		t.Fatalf("create whose copy failed: %v, want a quorum error", err)
+	}
+	var undone hsm.KeyInfo
+	for _, id := range ids {
+		keys, _ := c.memberByID(id).m.PeerListKeys(ctx)
+		for _, k := range keys {
+			if k.Label == "undone" {
+				undone = k
+			}
+		}
+	}
+	if undone.Ref == 0 {
+		t.Fatal("the undo deleted the key although deletes fail: the test sets up nothing")
+	}
+	if keys, err := s.ListKeys(ctx, hsm.Filter{ID: spec.Template.ID}); err != nil || len(keys) != 0 {
+		t.Errorf("listing after the refused create: %v, %v; want no key", keys, err)
+	}
+	if _, err := s.GetKey(ctx, undone.Ref); !errors.Is(err, hsm.ErrNotFound) {
+		t.Errorf("GetKey of the undone key %s: %v, want not found", undone.Ref, err)
+	}
+
+	stuck.Store(false)
+	k, err := s.GenerateKey(ctx, spec)
+	if err != nil {
+		t.Fatalf("retry of the refused create: %v", err)
+	}
+	if k.Coverage.Count() != 2 {
+		t.Errorf("retried key on %s, want both HSMs", k.Coverage)
+	}
+	for _, id := range ids {
+		keys, _ := c.memberByID(id).m.PeerListKeys(ctx)
+		for _, got := range keys {
+			if got.Ref == undone.Ref {
+				t.Errorf("undone key %s still on %s after the retry", undone.Ref, id)
+			}
+		}
+	}
+	if keys, err := s.ListKeys(ctx, hsm.Filter{ID: spec.Template.ID}); err != nil || len(keys) != 1 || keys[0].Ref != k.Ref {
+		t.Errorf("listing after the retry: %v, %v; want %s only", keys, err, k.Ref)
+	}
+	cfg, _ := readConfig(c.Dir())
+	if !slices.Contains(cfg.Deleted, undone.Ref) || len(cfg.Behind) == 0 {
+		t.Errorf("cluster.json deleted %v, behind %v: want the undone key, and its HSM behind, until a sync", cfg.Deleted, cfg.Behind)
+	}
+	if _, err := c.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if cfg, _ := readConfig(c.Dir()); len(cfg.Deleted) != 0 || len(cfg.Behind) != 0 {
+		t.Errorf("after Sync cluster.json deleted %v, behind %v; want none", cfg.Deleted, cfg.Behind)
 	}
 }

@@ -197,6 +197,9 @@ type Cluster struct {
 	suspectMu sync.Mutex
 	suspect   map[string]bool // see markSuspect
 
+	tombMu  sync.Mutex                     // one finishDeletes at a time
+	cleaned map[hsm.KeyRef]map[string]bool // see finishDeletes
+
 	// secret is the lineage secret when this process made the cluster
 	// (Init, Restore); otherwise the HSMs are asked for it.
 	secret []byte

@@ -267,11 +267,10 @@ func (c *Cluster) merge(listings map[string][]hsm.KeyInfo, answered map[string]b
 		info   hsm.KeyInfo
 		copies map[string]hsm.KeyInfo
 	}
-	c.mu.RLock()
-	deleted := slices.Clone(c.cfg.Deleted)
-	c.mu.RUnlock()
-	for id, keys := range listings {
-		listings[id] = slices.DeleteFunc(slices.Clone(keys), func(k hsm.KeyInfo) bool { return slices.Contains(deleted, k.Ref) })
+	if deleted := c.deletedSet(); deleted != nil {
+		for id, keys := range listings {
+			listings[id] = slices.DeleteFunc(slices.Clone(keys), func(k hsm.KeyInfo) bool { return deleted[k.Ref] })
+		}
 	}
 	byRef := map[hsm.KeyRef]*entry{}
 	ids := make([]string, 0, len(listings))

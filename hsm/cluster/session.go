@@ -324,10 +324,23 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		}
 	}
 	var infos []hsm.KeyInfo
-	m, err := s.on(ctx, op, cands, true, func(ctx context.Context, ms hsm.FullSession) (err error) {
-		infos, err = fn(ctx, ms)
-		return err
-	})
+	makeKeys := func() (*member, error) {
+		return s.on(ctx, op, cands, true, func(ctx context.Context, ms hsm.FullSession) (err error) {
+			infos, err = fn(ctx, ms)
+			return err
+		})
+	}
+	if tokenKeys > 0 {
+		s.c.finishDeletes(ctx)
+	}
+	m, err := makeKeys()
+	if tokenKeys > 0 && hsm.CodeOf(err) == hsm.CodeExists && s.c.deletedSet() != nil {
+		// The id may be held by a key recorded as deleted that came back
+		// to an HSM finishDeletes had cleaned: clean them all again.
+		s.c.forgetCleaned()
+		s.c.finishDeletes(ctx)
+		m, err = makeKeys()
+	}
 	if err != nil {
 		return nil, err
 	}

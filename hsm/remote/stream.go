@@ -284,14 +284,19 @@ func (cs *callStream) retire() (sent, unsent []*pending) {
 	cs.calls = map[uint64]*pending{}
 	unsent, cs.queue = cs.queue, nil
 	cs.mu.Unlock()
+	cs.detach()
+	cs.pw.Close()
+	return sent, unsent
+}
+
+// detach makes sure new calls do not go to this stream.
+func (cs *callStream) detach() {
 	m := cs.m
 	m.streams.mu.Lock()
 	if m.streams.cur == cs {
 		m.streams.cur = nil
 	}
 	m.streams.mu.Unlock()
-	cs.pw.Close()
-	return sent, unsent
 }
 
 // fail ends a stream that broke: calls written may have been done.
@@ -340,12 +345,7 @@ func (cs *callStream) close() {
 	cs.mu.Lock()
 	cs.closing, cs.dead = true, true
 	cs.mu.Unlock()
-	m := cs.m
-	m.streams.mu.Lock()
-	if m.streams.cur == cs {
-		m.streams.cur = nil
-	}
-	m.streams.mu.Unlock()
+	cs.detach()
 	select {
 	case cs.wake <- struct{}{}:
 	default:
