@@ -189,71 +189,107 @@ func (p stuckPeer) PeerDeleteKey(ctx context.Context, ref hsm.KeyRef) error {
 // A create refused because its key reached one HSM, whose undo could not
 // delete it there, leaves a key the caller was told was not made: no
 // listing or lookup shows it (a caller looking for an earlier attempt
-// would adopt it, and Sync would then delete it under them), the retry of
-// the create makes the key again despite the id the undone one holds, and
-// the undone key is gone from every HSM afterwards.
+// would adopt it, and Sync would then delete it under them), and the retry
+// of the create makes the key again despite the id the undone one holds.
+// A new key has a new handle, so the undone one is deleted everywhere
+// afterwards; a masked object keeps its handle, so its retry makes the
+// very key the record is about, and Sync must leave it.
 func TestUndoneCreateIsNeitherListedNorInTheWay(t *testing.T) {
-	ctx := context.Background()
-	c := newCluster(t, 2)
-	ids := hsmIDs(c)
-	var stuck atomic.Bool
-	for _, id := range ids {
-		m := c.memberByID(id)
-		m.m = stuckPeer{Member: m.m, stuck: &stuck}
-	}
-	s := login(t, c, alice)
 	spec := hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: "undone", ID: hsm.Bytes("k1")}}
-
-	stuck.Store(true)
-	if _, err := s.GenerateKey(ctx, spec); !errors.Is(err, hsm.ErrQuorum) {
-		t.Fatalf("create whose copy failed: %v, want a quorum error", err)
-	}
-	var undone hsm.KeyInfo
-	for _, id := range ids {
-		keys, _ := c.memberByID(id).m.PeerListKeys(ctx)
-		for _, k := range keys {
-			if k.Label == "undone" {
-				undone = k
+	for _, tc := range []struct {
+		name    string
+		sameRef bool // the retry makes the key the undo recorded as deleted
+		setup   func(t *testing.T, s hsm.FullSession) func() (hsm.KeyInfo, error)
+	}{
+		{"generate", false, func(t *testing.T, s hsm.FullSession) func() (hsm.KeyInfo, error) {
+			return func() (hsm.KeyInfo, error) { return s.GenerateKey(context.Background(), spec) }
+		}},
+		{"insert-masked", true, func(t *testing.T, s hsm.FullSession) func() (hsm.KeyInfo, error) {
+			ctx := context.Background()
+			k, err := s.GenerateKey(ctx, spec)
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-	}
-	if undone.Ref == 0 {
-		t.Fatal("the undo deleted the key although deletes fail: the test sets up nothing")
-	}
-	if keys, err := s.ListKeys(ctx, hsm.Filter{ID: spec.Template.ID}); err != nil || len(keys) != 0 {
-		t.Errorf("listing after the refused create: %v, %v; want no key", keys, err)
-	}
-	if _, err := s.GetKey(ctx, undone.Ref); !errors.Is(err, hsm.ErrNotFound) {
-		t.Errorf("GetKey of the undone key %s: %v, want not found", undone.Ref, err)
-	}
-
-	stuck.Store(false)
-	k, err := s.GenerateKey(ctx, spec)
-	if err != nil {
-		t.Fatalf("retry of the refused create: %v", err)
-	}
-	if k.Coverage.Count() != 2 {
-		t.Errorf("retried key on %s, want both HSMs", k.Coverage)
-	}
-	for _, id := range ids {
-		keys, _ := c.memberByID(id).m.PeerListKeys(ctx)
-		for _, got := range keys {
-			if got.Ref == undone.Ref {
-				t.Errorf("undone key %s still on %s after the retry", undone.Ref, id)
+			blob, err := s.ExportMasked(ctx, k.Ref)
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-	}
-	if keys, err := s.ListKeys(ctx, hsm.Filter{ID: spec.Template.ID}); err != nil || len(keys) != 1 || keys[0].Ref != k.Ref {
-		t.Errorf("listing after the retry: %v, %v; want %s only", keys, err, k.Ref)
-	}
-	cfg, _ := readConfig(c.Dir())
-	if !slices.Contains(cfg.Deleted, undone.Ref) || len(cfg.Behind) == 0 {
-		t.Errorf("cluster.json deleted %v, behind %v: want the undone key, and its HSM behind, until a sync", cfg.Deleted, cfg.Behind)
-	}
-	if _, err := c.Sync(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if cfg, _ := readConfig(c.Dir()); len(cfg.Deleted) != 0 || len(cfg.Behind) != 0 {
-		t.Errorf("after Sync cluster.json deleted %v, behind %v; want none", cfg.Deleted, cfg.Behind)
+			if err := s.DeleteKey(ctx, k.Ref); err != nil {
+				t.Fatal(err)
+			}
+			return func() (hsm.KeyInfo, error) { return s.InsertMasked(ctx, blob) }
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			c := newCluster(t, 2)
+			ids := hsmIDs(c)
+			var stuck atomic.Bool
+			for _, id := range ids {
+				m := c.memberByID(id)
+				m.m = stuckPeer{Member: m.m, stuck: &stuck}
+			}
+			s := login(t, c, alice)
+			create := tc.setup(t, s)
+
+			stuck.Store(true)
+			if _, err := create(); !errors.Is(err, hsm.ErrQuorum) {
+				t.Fatalf("create whose copy failed: %v, want a quorum error", err)
+			}
+			var undone hsm.KeyInfo
+			for _, id := range ids {
+				keys, _ := c.memberByID(id).m.PeerListKeys(ctx)
+				for _, k := range keys {
+					if k.Label == "undone" {
+						undone = k
+					}
+				}
+			}
+			if undone.Ref == 0 {
+				t.Fatal("the undo deleted the key although deletes fail: the test sets up nothing")
+			}
+			if keys, err := s.ListKeys(ctx, hsm.Filter{ID: spec.Template.ID}); err != nil || len(keys) != 0 {
+				t.Errorf("listing after the refused create: %v, %v; want no key", keys, err)
+			}
+			if _, err := s.GetKey(ctx, undone.Ref); !errors.Is(err, hsm.ErrNotFound) {
+				t.Errorf("GetKey of the undone key %s: %v, want not found", undone.Ref, err)
+			}
+
+			stuck.Store(false)
+			k, err := create()
+			if err != nil {
+				t.Fatalf("retry of the refused create: %v", err)
+			}
+			if k.Coverage.Count() != 2 {
+				t.Errorf("retried key on %s, want both HSMs", k.Coverage)
+			}
+			if (k.Ref == undone.Ref) != tc.sameRef {
+				t.Fatalf("retried key %s, undone key %s: same handle is %v, want %v", k.Ref, undone.Ref, !tc.sameRef, tc.sameRef)
+			}
+			cfg, _ := readConfig(c.Dir())
+			if recorded := slices.Contains(cfg.Deleted, undone.Ref); recorded == tc.sameRef {
+				t.Errorf("cluster.json deleted-keys %v: undone key %s recorded is %v, want %v", cfg.Deleted, undone.Ref, recorded, !tc.sameRef)
+			}
+			if _, err := c.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+			for _, id := range ids {
+				keys, _ := c.memberByID(id).m.PeerListKeys(ctx)
+				for _, got := range keys {
+					if got.Ref == undone.Ref && !tc.sameRef {
+						t.Errorf("undone key %s still on %s after the retry and a sync", undone.Ref, id)
+					}
+				}
+				if !slices.ContainsFunc(keys, func(got hsm.KeyInfo) bool { return got.Ref == k.Ref }) {
+					t.Errorf("retried key %s not on %s after a sync", k.Ref, id)
+				}
+			}
+			if keys, err := s.ListKeys(ctx, hsm.Filter{ID: spec.Template.ID}); err != nil || len(keys) != 1 || keys[0].Ref != k.Ref {
+				t.Errorf("listing after the retry and a sync: %v, %v; want %s only", keys, err, k.Ref)
+			}
+			if cfg, _ := readConfig(c.Dir()); len(cfg.Deleted) != 0 || len(cfg.Behind) != 0 {
+				t.Errorf("after Sync cluster.json deleted %v, behind %v; want none", cfg.Deleted, cfg.Behind)
+			}
+		})
 	}
 }

@@ -367,6 +367,9 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		if err := s.c.settleCreate(ctx, op, tokens); err != nil {
 			return nil, err
 		}
+		if err := s.c.revive(tokens); err != nil {
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
 		for i := range infos {
 			if infos[i].Attrs.Token {
 				infos[i].Coverage = s.c.coverageOf(infos[i].Ref)

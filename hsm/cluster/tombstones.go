@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/keymig/keymig/hsm"
@@ -94,6 +96,35 @@ func (c *Cluster) forgetCleaned() {
 	c.tombMu.Lock()
 	c.cleaned = nil
 	c.tombMu.Unlock()
+}
+
+// revive removes refs from the keys recorded as deleted: a masked object
+// keeps its handle, so inserting one again (the retry of an insert that
+// was undone, or a key deleted and then copied back from a clone) makes
+// the very key the record is about, and Sync must not delete it. A copy
+// still on an HSM that was away is that same key.
+func (c *Cluster) revive(refs []hsm.KeyRef) error {
+	deleted := c.deletedSet()
+	var back []hsm.KeyRef
+	for _, ref := range refs {
+		if deleted[ref] {
+			back = append(back, ref)
+		}
+	}
+	if len(back) == 0 {
+		return nil
+	}
+	c.tombMu.Lock()
+	defer c.tombMu.Unlock()
+	for _, ref := range back {
+		delete(c.cleaned, ref)
+	}
+	if err := c.updateConfig(func(cfg *config) {
+		cfg.Deleted = slices.DeleteFunc(cfg.Deleted, func(r hsm.KeyRef) bool { return slices.Contains(back, r) })
+	}); err != nil {
+		return fmt.Errorf("key %s was made again, but its earlier deletion could not be struck from cluster.json, so a sync would delete it: %w", back[0], err)
+	}
+	return nil
 }
 
 // deletedSet returns the keys recorded as deleted, for lookups.
