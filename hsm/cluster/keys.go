@@ -13,10 +13,11 @@ import (
 )
 
 // replicate copies the token keys refs from src to every other reachable
-// HSM as masked objects. A copy that fails leaves the key with partial
-// coverage, which ListKeys reports and Sync repairs; the quorum keeps the
-// key from being used until it is on 2 HSMs.
-func (c *Cluster) replicate(ctx context.Context, src *member, refs []hsm.KeyRef) {
+// HSM as masked objects, exported from src unless fresh has them (src
+// answered the call that made them with them). A copy that fails leaves
+// the key with partial coverage, which ListKeys reports and Sync repairs;
+// the quorum keeps the key from being used until it is on 2 HSMs.
+func (c *Cluster) replicate(ctx context.Context, src *member, refs []hsm.KeyRef, fresh *hsm.MaskedCopies) {
 	var others []*member
 	var skipped []string
 	for _, m := range c.memberList() {
@@ -35,11 +36,14 @@ func (c *Cluster) replicate(ctx context.Context, src *member, refs []hsm.KeyRef)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, ref := range refs {
-		var blob []byte
-		err := c.call(ctx, src, func(ctx context.Context) (err error) {
-			blob, err = src.m.PeerExportMasked(ctx, ref)
-			return err
-		})
+		blob, ok := fresh.Take(ref)
+		var err error
+		if !ok {
+			err = c.call(ctx, src, func(ctx context.Context) (err error) {
+				blob, err = src.m.PeerExportMasked(ctx, ref)
+				return err
+			})
+		}
 		if err != nil {
 			c.stats.cloneFailures.Add(int64(len(others)))
 			for _, m := range others {
@@ -252,7 +256,7 @@ func (s *session) repair(ctx context.Context, ref hsm.KeyRef, listings map[strin
 	if holder == nil || !missing {
 		return false
 	}
-	s.c.replicate(ctx, holder, []hsm.KeyRef{ref})
+	s.c.replicate(ctx, holder, []hsm.KeyRef{ref}, nil)
 	return true
 }
 

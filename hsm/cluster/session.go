@@ -324,8 +324,16 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		}
 	}
 	var infos []hsm.KeyInfo
+	// A remote HSM answers with the new token keys' masked objects, which
+	// replicate then copies without exporting them again.
+	var fresh *hsm.MaskedCopies
+	makeCtx := ctx
+	if tokenKeys > 0 && len(s.c.memberList()) > 1 {
+		fresh = new(hsm.MaskedCopies)
+		makeCtx = hsm.WithMaskedCopies(ctx, fresh)
+	}
 	makeKeys := func() (*member, error) {
-		return s.on(ctx, op, cands, true, func(ctx context.Context, ms hsm.FullSession) (err error) {
+		return s.on(makeCtx, op, cands, true, func(ctx context.Context, ms hsm.FullSession) (err error) {
 			infos, err = fn(ctx, ms)
 			return err
 		})
@@ -360,7 +368,7 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 		if err := failpoint.Hit(failpoint.ClusterAfterHomeWrite); err != nil {
 			return nil, err
 		}
-		s.c.replicate(ctx, m, tokens)
+		s.c.replicate(ctx, m, tokens, fresh)
 		if err := failpoint.Hit(failpoint.ClusterAfterCopy); err != nil {
 			return nil, err
 		}

@@ -578,6 +578,30 @@ func (s *Session) key(ctx context.Context, op string, in *wire.Call) (hsm.KeyInf
 	return keyOf(out.Key), err
 }
 
+// newKey is key for a call that makes the key.
+func (s *Session) newKey(ctx context.Context, op string, in *wire.Call) (hsm.KeyInfo, error) {
+	var out wire.Result
+	err := s.make(ctx, op, in, &out)
+	return keyOf(out.Key), err
+}
+
+// make runs a call that makes keys. Under a context with hsm.MaskedCopies
+// it asks the HSM for their masked objects in the same call, which saves
+// the cluster a round trip per new key when it copies it to its other HSMs.
+func (s *Session) make(ctx context.Context, op string, in *wire.Call, out *wire.Result) error {
+	mc := hsm.MaskedCopiesFrom(ctx)
+	in.Masked = mc != nil
+	if err := s.do(ctx, op, in, out); err != nil {
+		return err
+	}
+	if mc != nil {
+		for _, m := range out.Masked {
+			mc.Put(hsm.KeyRef(m.Ref), m.Blob)
+		}
+	}
+	return nil
+}
+
 func (s *Session) data(ctx context.Context, op string, in *wire.Call) ([]byte, error) {
 	var out wire.Result
 	err := s.do(ctx, op, in, &out)
@@ -619,13 +643,13 @@ func (s *Session) Logout(ctx context.Context) error {
 
 // GenerateKey makes a secret key.
 func (s *Session) GenerateKey(ctx context.Context, spec hsm.KeySpec) (hsm.KeyInfo, error) {
-	return s.key(ctx, wire.OpGenerateKey, &wire.Call{KeySpec: &spec})
+	return s.newKey(ctx, wire.OpGenerateKey, &wire.Call{KeySpec: &spec})
 }
 
 // GenerateKeyPair makes a key pair.
 func (s *Session) GenerateKeyPair(ctx context.Context, spec hsm.KeyPairSpec) (pub, priv hsm.KeyInfo, err error) {
 	var out wire.Result
-	err = s.do(ctx, wire.OpGenerateKeyPair, &wire.Call{PairSpec: &spec}, &out)
+	err = s.make(ctx, wire.OpGenerateKeyPair, &wire.Call{PairSpec: &spec}, &out)
 	return keyOf(out.Pub), keyOf(out.Key), err
 }
 
@@ -660,7 +684,7 @@ func (s *Session) WrapKey(ctx context.Context, r hsm.WrapRequest) ([]byte, error
 
 // UnwrapKey unwraps a key.
 func (s *Session) UnwrapKey(ctx context.Context, r hsm.UnwrapRequest) (hsm.KeyInfo, error) {
-	return s.key(ctx, wire.OpUnwrapKey, &wire.Call{Unwrap: wire.UnwrapOf(r)})
+	return s.newKey(ctx, wire.OpUnwrapKey, &wire.Call{Unwrap: wire.UnwrapOf(r)})
 }
 
 // Encrypt encrypts with a key inside the HSM.
@@ -710,7 +734,7 @@ func (s *Session) ExportPublicKey(ctx context.Context, key hsm.KeyRef) ([]byte, 
 
 // ImportPublicKey stores a PEM public key.
 func (s *Session) ImportPublicKey(ctx context.Context, pem []byte, t hsm.Template) (hsm.KeyInfo, error) {
-	return s.key(ctx, wire.OpImportPublicKey, &wire.Call{Data: pem, Template: &t})
+	return s.newKey(ctx, wire.OpImportPublicKey, &wire.Call{Data: pem, Template: &t})
 }
 
 // ExportMasked exports a key as a masked object.
@@ -720,7 +744,7 @@ func (s *Session) ExportMasked(ctx context.Context, key hsm.KeyRef) ([]byte, err
 
 // InsertMasked stores a masked object.
 func (s *Session) InsertMasked(ctx context.Context, blob []byte) (hsm.KeyInfo, error) {
-	return s.key(ctx, wire.OpInsertMasked, &wire.Call{Data: blob})
+	return s.newKey(ctx, wire.OpInsertMasked, &wire.Call{Data: blob})
 }
 
 // CreateUser adds a user.

@@ -1,6 +1,7 @@
 package remote_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -392,6 +393,73 @@ func TestListingStreams(t *testing.T) {
 	for i, k := range got {
 		if k.Ref != hsm.KeyRef(i+1) || k.Label != fmt.Sprint("k", i) || k.KCV.String() != "010203" || !k.Attrs.Token {
 			t.Fatalf("key %d arrived as %+v", i, k)
+		}
+	}
+}
+
+// exportCounter counts the masked exports the cluster asks of an HSM.
+type exportCounter struct {
+	cluster.Member
+	n *atomic.Int64
+}
+
+func (e exportCounter) PeerExportMasked(ctx context.Context, ref hsm.KeyRef) ([]byte, error) {
+	e.n.Add(1)
+	return e.Member.PeerExportMasked(ctx, ref)
+}
+
+// TestNewKeysComeWithTheirMaskedCopies checks that a remote HSM answers a
+// call that makes token keys with their masked objects, so that the
+// cluster copies them to its other HSM with no export call, and that the
+// copies are the keys as made.
+func TestNewKeysComeWithTheirMaskedCopies(t *testing.T) {
+	ctx := ctxT(t)
+	var exports atomic.Int64
+	c, _ := newServedCluster(t, 2, func(m cluster.Member) cluster.Member { return exportCounter{m, &exports} })
+	co, err := c.Login(ctx, officer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer co.Logout(ctx)
+	if err := co.(hsm.Users).CreateUser(ctx, "alice", hsm.RoleCryptoUser, "correct-horse"); err != nil {
+		t.Fatal(err)
+	}
+	bs, err := c.Login(ctx, hsm.Credentials{User: "alice", Password: "correct-horse"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := bs.(hsm.FullSession)
+	defer s.Logout(ctx)
+	kek, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 256, Template: hsm.Template{Label: "kek", Attrs: map[hsm.Attr]bool{hsm.AttrWrap: true, hsm.AttrUnwrap: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, err := s.GenerateKey(ctx, hsm.KeySpec{Type: hsm.TypeAES, Bits: 128, Template: hsm.Template{Label: "payload", Attrs: map[hsm.Attr]bool{hsm.AttrExtractable: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := s.WrapKey(ctx, hsm.WrapRequest{Mechanism: hsm.MechAESKWP, WrappingKey: kek.Ref, Payload: payload.Ref})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unwrapped, err := s.UnwrapKey(ctx, hsm.UnwrapRequest{Mechanism: hsm.MechAESKWP, UnwrappingKey: kek.Ref, Blob: blob, Class: hsm.ClassSecret, Type: hsm.TypeAES, Template: hsm.Template{Label: "unwrapped"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, priv, err := s.GenerateKeyPair(ctx, hsm.KeyPairSpec{Type: hsm.TypeEC, Curve: "P-256"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := exports.Load(); n != 0 {
+		t.Errorf("the cluster asked its HSMs for %d masked exports to copy new keys, want none", n)
+	}
+	for _, k := range []hsm.KeyInfo{kek, payload, unwrapped, pub, priv} {
+		got, err := s.GetKey(ctx, k.Ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Coverage.Count() != 2 || len(got.Coverage.Inconsistent) > 0 || !bytes.Equal(got.KCV, k.KCV) {
+			t.Errorf("key %s (%s): coverage %s, KCV %s; want the same key on both HSMs, KCV %s", k.Ref, k.Label, got.Coverage, got.KCV, k.KCV)
 		}
 	}
 }

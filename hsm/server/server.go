@@ -399,7 +399,31 @@ func (s *Server) dispatch(ctx context.Context, tok, op string, in *wire.Call, ou
 	if err != nil {
 		return err
 	}
-	return sessionCall(ctx, sess, op, in, out)
+	if err := sessionCall(ctx, sess, op, in, out); err != nil {
+		return err
+	}
+	switch op {
+	case wire.OpGenerateKey, wire.OpGenerateKeyPair, wire.OpUnwrapKey, wire.OpImportPublicKey, wire.OpInsertMasked:
+		if in.Masked {
+			attachMasked(ctx, sess, out)
+		}
+	}
+	return nil
+}
+
+// attachMasked adds to out the masked objects of the token keys the call
+// made, exported by the session that made them (so under its permissions,
+// and audited). A key whose export fails is left out: the client then
+// exports it by a call of its own.
+func attachMasked(ctx context.Context, sess hsm.FullSession, out *wire.Result) {
+	for _, k := range []*hsm.KeyInfo{out.Key, out.Pub} {
+		if k == nil || k.Ref == 0 || !k.Attrs.Token {
+			continue
+		}
+		if blob, err := sess.ExportMasked(ctx, k.Ref); err == nil {
+			out.Masked = append(out.Masked, wire.MaskedKey{Ref: uint64(k.Ref), Blob: blob})
+		}
+	}
 }
 
 func sessionCall(ctx context.Context, s hsm.FullSession, op string, in *wire.Call, out *wire.Result) error {

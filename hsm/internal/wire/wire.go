@@ -113,6 +113,9 @@ type Call struct {
 	M         int                  `json:"m,omitempty"`
 	TokenID   hsm.Bytes            `json:"token-id,omitempty"`
 	Approvals []hsm.QuorumApproval `json:"approvals,omitempty"`
+	// Masked asks a call that makes token keys to answer with their masked
+	// objects too (Result.Masked), exported in the same call.
+	Masked bool `json:"masked,omitempty"`
 }
 
 // StreamCall is one call of an OpStream: what its own request would carry
@@ -149,6 +152,15 @@ type Result struct {
 	Count   int               `json:"count,omitempty"`
 	Fault   *hsm.Fault        `json:"fault,omitempty"`
 	Extra   map[string]string `json:"extra,omitempty"`
+	// Masked holds the masked objects of the token keys made, when the call
+	// asked for them and the export did not fail.
+	Masked []MaskedKey `json:"masked,omitempty"`
+}
+
+// MaskedKey is the masked object of the key Ref.
+type MaskedKey struct {
+	Ref  uint64 `json:"ref"`
+	Blob []byte `json:"blob"`
 }
 
 // Error is the body of a failed operation. Code is empty for an error
