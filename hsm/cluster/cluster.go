@@ -197,8 +197,7 @@ type Cluster struct {
 	suspectMu sync.Mutex
 	suspect   map[string]bool // see markSuspect
 
-	tombMu  sync.Mutex                     // one finishDeletes at a time
-	cleaned map[hsm.KeyRef]map[string]bool // see finishDeletes
+	tombs tombs // see finishDeletes
 
 	// secret is the lineage secret when this process made the cluster
 	// (Init, Restore); otherwise the HSMs are asked for it.

@@ -338,15 +338,20 @@ func (s *session) create(ctx context.Context, op string, cands []*member, tokenK
 			return err
 		})
 	}
+	release := func() {}
+	defer func() { release() }()
 	if tokenKeys > 0 {
-		s.c.finishDeletes(ctx)
+		s.c.finishDeletes(ctx, false)
+		release = s.c.holdCreate()
 	}
 	m, err := makeKeys()
-	if tokenKeys > 0 && hsm.CodeOf(err) == hsm.CodeExists && s.c.deletedSet() != nil {
+	if tokenKeys > 0 && hsm.CodeOf(err) == hsm.CodeExists && s.c.anyDeleted() {
 		// The id may be held by a key recorded as deleted that came back
-		// to an HSM finishDeletes had cleaned: clean them all again.
-		s.c.forgetCleaned()
-		s.c.finishDeletes(ctx)
+		// to an HSM finishDeletes had cleaned: clean them all again, outside
+		// this create, and make the keys once more.
+		release()
+		s.c.finishDeletes(ctx, true)
+		release = s.c.holdCreate()
 		m, err = makeKeys()
 	}
 	if err != nil {

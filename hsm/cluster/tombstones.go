@@ -16,55 +16,48 @@ import (
 // adopts a key it was told was not made, and finishDeletes deletes it
 // before the next create, so that a retry of the refused create does not
 // collide with the id the undone key still holds.
+//
+// A masked object keeps its handle, so inserting one again can make the
+// very key a record names (revive then strikes the record). A pass of
+// finishDeletes must not run between such an insert and its revive, or it
+// would delete the key just made: token creates hold tombs.gate for
+// reading from before they make keys until they are settled, and a pass
+// that deletes anything holds it for writing.
+
+// tombs is what a cluster knows of deleted-keys beyond cluster.json.
+type tombs struct {
+	gate sync.RWMutex // read: a token create in progress; write: a pass that deletes
+
+	mu      sync.Mutex
+	cleaned map[hsm.KeyRef]map[string]bool // HSMs known to be clean of a recorded key
+}
+
+// holdCreate marks a token create in progress until the returned function
+// is called.
+func (c *Cluster) holdCreate() (release func()) {
+	c.tombs.gate.RLock()
+	return c.tombs.gate.RUnlock
+}
 
 // finishDeletes deletes each key recorded as deleted on every live HSM not
-// yet known to be clean of it. It runs before a create when keys are
-// recorded; creates wait for a pass in progress, as the pass may be what
-// lets them make their key. A failure leaves the key for the next pass or
-// Sync. Which HSMs are clean is kept in memory only: Sync, which removes
-// the record once every HSM is clean, is what makes it durable.
-func (c *Cluster) finishDeletes(ctx context.Context) {
-	c.mu.RLock()
-	pending := len(c.cfg.Deleted)
-	c.mu.RUnlock()
-	if pending == 0 {
+// yet known to be clean of it; with again, on every live HSM (a key
+// recorded as deleted can be copied back to a clean HSM from one that was
+// away, by the daemons' own synchronisation, and a create that collides
+// with an id is the sign). It runs before a token create, not within one,
+// and waits for the creates in progress only when there is something to
+// delete. A failure leaves the key for the next pass or Sync. Which HSMs
+// are clean is kept in memory only: Sync, which removes the record once
+// every HSM is clean, is what makes it durable.
+func (c *Cluster) finishDeletes(ctx context.Context, again bool) {
+	if !c.anyDeleted() {
 		return
 	}
-	c.tombMu.Lock()
-	defer c.tombMu.Unlock()
-	c.mu.RLock()
-	deleted := make(map[hsm.KeyRef]bool, len(c.cfg.Deleted))
-	for _, ref := range c.cfg.Deleted {
-		deleted[ref] = true
-	}
-	c.mu.RUnlock()
-	if c.cleaned == nil {
-		c.cleaned = map[hsm.KeyRef]map[string]bool{}
-	}
-	for ref := range c.cleaned {
-		if !deleted[ref] {
-			delete(c.cleaned, ref) // Sync removed the record
-		}
-	}
-	type job struct {
-		ref hsm.KeyRef
-		m   *member
-	}
-	var jobs []job
-	for _, m := range c.memberList() {
-		if !c.isLive(m) {
-			continue
-		}
-		for ref := range deleted {
-			if !c.cleaned[ref][m.id] {
-				jobs = append(jobs, job{ref, m})
-			}
-		}
-	}
-	if len(jobs) == 0 {
+	if !again && len(c.deleteJobs(false)) == 0 {
 		return
 	}
-	var mu sync.Mutex
+	c.tombs.gate.Lock()
+	defer c.tombs.gate.Unlock()
+	jobs := c.deleteJobs(again) // again: the creates that held the gate may have changed them
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, syncConcurrency)
 	for _, j := range jobs {
@@ -76,33 +69,58 @@ func (c *Cluster) finishDeletes(ctx context.Context) {
 				return
 			}
 			c.keys.removeFrom(j.ref, j.m.id)
-			mu.Lock()
-			defer mu.Unlock()
-			if c.cleaned[j.ref] == nil {
-				c.cleaned[j.ref] = map[string]bool{}
+			c.tombs.mu.Lock()
+			defer c.tombs.mu.Unlock()
+			if c.tombs.cleaned[j.ref] == nil {
+				c.tombs.cleaned[j.ref] = map[string]bool{}
 			}
-			c.cleaned[j.ref][j.m.id] = true
+			c.tombs.cleaned[j.ref][j.m.id] = true
 		})
 	}
 	wg.Wait()
 }
 
-// forgetCleaned drops what finishDeletes knows of clean HSMs, so that its
-// next pass tries every live HSM again: a key recorded as deleted can be
-// copied back to a clean HSM from one that was away (the daemons' own
-// synchronisation does that), and a create that collides with an id is
-// the sign.
-func (c *Cluster) forgetCleaned() {
-	c.tombMu.Lock()
-	c.cleaned = nil
-	c.tombMu.Unlock()
+// deleteJob is one delete of a recorded key on one HSM.
+type deleteJob struct {
+	ref hsm.KeyRef
+	m   *member
+}
+
+// deleteJobs lists the deletes a pass of finishDeletes would make, after
+// dropping what it knew of keys no longer recorded (Sync removed them) or,
+// with forget, of every key.
+func (c *Cluster) deleteJobs(forget bool) []deleteJob {
+	deleted := c.deletedSet()
+	c.tombs.mu.Lock()
+	defer c.tombs.mu.Unlock()
+	if forget || c.tombs.cleaned == nil {
+		c.tombs.cleaned = map[hsm.KeyRef]map[string]bool{}
+	}
+	for ref := range c.tombs.cleaned {
+		if !deleted[ref] {
+			delete(c.tombs.cleaned, ref)
+		}
+	}
+	var jobs []deleteJob
+	for _, m := range c.memberList() {
+		if !c.isLive(m) {
+			continue
+		}
+		for ref := range deleted {
+			if !c.tombs.cleaned[ref][m.id] {
+				jobs = append(jobs, deleteJob{ref, m})
+			}
+		}
+	}
+	return jobs
 }
 
 // revive removes refs from the keys recorded as deleted: a masked object
 // keeps its handle, so inserting one again (the retry of an insert that
 // was undone, or a key deleted and then copied back from a clone) makes
 // the very key the record is about, and Sync must not delete it. A copy
-// still on an HSM that was away is that same key.
+// still on an HSM that was away is that same key. It runs within the
+// create (see holdCreate).
 func (c *Cluster) revive(refs []hsm.KeyRef) error {
 	deleted := c.deletedSet()
 	var back []hsm.KeyRef
@@ -114,11 +132,11 @@ func (c *Cluster) revive(refs []hsm.KeyRef) error {
 	if len(back) == 0 {
 		return nil
 	}
-	c.tombMu.Lock()
-	defer c.tombMu.Unlock()
+	c.tombs.mu.Lock()
 	for _, ref := range back {
-		delete(c.cleaned, ref)
+		delete(c.tombs.cleaned, ref)
 	}
+	c.tombs.mu.Unlock()
 	if err := c.updateConfig(func(cfg *config) {
 		cfg.Deleted = slices.DeleteFunc(cfg.Deleted, func(r hsm.KeyRef) bool { return slices.Contains(back, r) })
 	}); err != nil {
@@ -127,7 +145,15 @@ func (c *Cluster) revive(refs []hsm.KeyRef) error {
 	return nil
 }
 
-// deletedSet returns the keys recorded as deleted, for lookups.
+// anyDeleted reports whether keys are recorded as deleted.
+func (c *Cluster) anyDeleted() bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.cfg.Deleted) > 0
+}
+
+// deletedSet returns the keys recorded as deleted, for lookups; nil when
+// there are none.
 func (c *Cluster) deletedSet() map[hsm.KeyRef]bool {
 	c.mu.RLock()
 	defer c.mu.RUnlock()

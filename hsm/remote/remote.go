@@ -581,14 +581,14 @@ func (s *Session) key(ctx context.Context, op string, in *wire.Call) (hsm.KeyInf
 // newKey is key for a call that makes the key.
 func (s *Session) newKey(ctx context.Context, op string, in *wire.Call) (hsm.KeyInfo, error) {
 	var out wire.Result
-	err := s.make(ctx, op, in, &out)
+	err := s.makeKeys(ctx, op, in, &out)
 	return keyOf(out.Key), err
 }
 
-// make runs a call that makes keys. Under a context with hsm.MaskedCopies
+// makeKeys runs a call that makes keys. Under a context with hsm.MaskedCopies
 // it asks the HSM for their masked objects in the same call, which saves
 // the cluster a round trip per new key when it copies it to its other HSMs.
-func (s *Session) make(ctx context.Context, op string, in *wire.Call, out *wire.Result) error {
+func (s *Session) makeKeys(ctx context.Context, op string, in *wire.Call, out *wire.Result) error {
 	mc := hsm.MaskedCopiesFrom(ctx)
 	in.Masked = mc != nil
 	if err := s.do(ctx, op, in, out); err != nil {
@@ -649,7 +649,7 @@ func (s *Session) GenerateKey(ctx context.Context, spec hsm.KeySpec) (hsm.KeyInf
 // GenerateKeyPair makes a key pair.
 func (s *Session) GenerateKeyPair(ctx context.Context, spec hsm.KeyPairSpec) (pub, priv hsm.KeyInfo, err error) {
 	var out wire.Result
-	err = s.make(ctx, wire.OpGenerateKeyPair, &wire.Call{PairSpec: &spec}, &out)
+	err = s.makeKeys(ctx, wire.OpGenerateKeyPair, &wire.Call{PairSpec: &spec}, &out)
 	return keyOf(out.Pub), keyOf(out.Key), err
 }
 
